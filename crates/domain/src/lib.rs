@@ -1,0 +1,14 @@
+//! Domain rules with no I/O.
+//!
+//! # Layout
+//! - [`month`]: the billing month (`YYYY-MM`) and its bounds in the business time zone.
+//! - [`products`]: the product catalogue of a Korean mobile operator (plans, add-ons, device
+//!   instalments, metered usage, roaming, micro-payments, discount rules), prices in won.
+//! - [`generator`]: deterministic members and usage for a month, from a seed.
+#![deny(clippy::float_arithmetic)]
+
+pub mod generator;
+pub mod month;
+pub mod products;
+
+pub use month::{BillingMonth, MonthError};

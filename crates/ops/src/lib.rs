@@ -1,0 +1,29 @@
+//! Operator actions: every command of the `billing` CLI is a function here, so the CLI and,
+//! later, a web console call the same code.
+//!
+//! # Layout
+//! - [`stack`]: the local stack (PostgreSQL, the nisshi Kafka-API broker, the schema
+//!   registry): up (idempotent), down (with purge), status.
+//! - [`seed`]: the generator onto the changelog topics.
+//! - [`topics`]: catalogue topics and their schemas, created and registered together.
+
+pub mod seed;
+pub mod stack;
+pub mod topics;
+
+/// An operator action failed; the message is the one line an operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("{0}")]
+    Stack(String),
+    #[error(transparent)]
+    Db(#[from] billing_db::DbError),
+    #[error(transparent)]
+    Codec(#[from] billing_schema::CodecError),
+    #[error(transparent)]
+    Admin(#[from] billing_runtime::admin::AdminError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Seed(String),
+}

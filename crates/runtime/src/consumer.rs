@@ -1,0 +1,511 @@
+//! The consumer loop every processor runs.
+//!
+//! Guarantees (at least once, made effectively once by idempotent handlers):
+//! - An offset is stored only when the record and every record before it on its partition
+//!   are done: handled, or quarantined with the dead letter acknowledged. librdkafka commits
+//!   stored offsets (`enable.auto.offset.store=false`), so a crash replays from the first
+//!   record that was not finished, never skips one.
+//! - At most `max_in_flight` records are being worked on at once; the loop stops pulling
+//!   from the broker while the cap is reached, and completions are polled first (a `biased`
+//!   select), so memory stays bounded.
+//! - A record that does not decode, or that its handler rejects as final, is quarantined to
+//!   the dead-letter topic with the reason, and the loop keeps going. A retriable failure is
+//!   retried with exponential backoff, up to `max_retries`, then quarantined.
+//! - On shutdown the loop stops pulling, lets in-flight work finish (retry waits are cut
+//!   short, and those records are left unstored to be redone), stores and commits offsets.
+//! - In bounded mode the end offsets of every partition are captured at start; records at or
+//!   past them are not processed, and the loop ends once every assigned partition is done.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use billing_schema::{AvroRecord, Decoder};
+use futures::{StreamExt, stream::FuturesUnordered};
+use rdkafka::{
+    Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    error::{KafkaError, RDKafkaErrorCode},
+    message::OwnedMessage,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Backoff, KafkaSettings},
+    quarantine::{Origin, Quarantine},
+};
+
+/// One decoded record handed to a handler.
+#[derive(Debug, Clone)]
+pub struct Incoming<V> {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: V,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// How a handler failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandleError {
+    /// The record may succeed later (a database or broker hiccup): retried with backoff.
+    #[error("retriable: {0}")]
+    Retriable(String),
+    /// The record can never succeed: quarantined with this reason.
+    #[error("{0}")]
+    Final(String),
+}
+
+/// The work done for each record. It must be idempotent: a record may be handled again
+/// after a crash or rebalance, and must then have no second effect.
+pub trait Handler<V>: Send + Sync + 'static {
+    /// Handles one record; returns once its effect is durable.
+    fn handle(&self, record: &Incoming<V>) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// The consumer group: the processor's name.
+    pub group_id: String,
+    /// Full topic names to subscribe to.
+    pub topics: Vec<String>,
+    /// Cap on records being worked on at once.
+    pub max_in_flight: usize,
+    /// Stop at the end offsets captured at start.
+    pub bounded: bool,
+    /// Spacing of retries of retriable failures.
+    pub backoff: Backoff,
+    /// Retries of a retriable failure before the record is quarantined.
+    pub max_retries: u32,
+}
+
+impl LoopConfig {
+    /// Defaults for `group_id` reading `topics`.
+    pub fn new(group_id: impl Into<String>, topics: Vec<String>) -> Self {
+        LoopConfig {
+            group_id: group_id.into(),
+            topics,
+            max_in_flight: 1000,
+            bounded: false,
+            backoff: Backoff::default(),
+            max_retries: 8,
+        }
+    }
+}
+
+/// Why the loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopReason {
+    /// The shutdown future completed.
+    #[default]
+    Shutdown,
+    /// Bounded mode: every assigned partition reached its captured end offset.
+    EndOfInput,
+}
+
+/// What the loop did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoopSummary {
+    /// Records handled successfully.
+    pub processed: u64,
+    /// Records sent to the dead-letter topic.
+    pub quarantined: u64,
+    /// Retries of retriable failures.
+    pub retries: u64,
+    /// Records left unfinished at shutdown (their offsets were not stored).
+    pub abandoned: u64,
+    pub stopped_by: StopReason,
+}
+
+/// The loop could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+/// What the loop needs from outside.
+#[derive(Debug)]
+pub struct LoopDeps<V, H> {
+    pub kafka: KafkaSettings,
+    pub decoder: Arc<Decoder<V>>,
+    pub handler: Arc<H>,
+    pub quarantine: Quarantine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Processed,
+    Quarantined,
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Done {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    outcome: Outcome,
+    retries: u32,
+}
+
+/// Per-partition bookkeeping of records in flight, so the stored offset only ever moves past
+/// records that are finished.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<(String, i32), Track>,
+}
+
+#[derive(Debug, Default)]
+struct Track {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset begun.
+    next_begun: i64,
+    /// The offset last stored (the next record to read after a restart).
+    stored: Option<i64>,
+}
+
+impl OffsetTracker {
+    /// Notes that work on `offset` began.
+    pub fn begin(&mut self, topic: &str, partition: i32, offset: i64) {
+        let t = self.partitions.entry((topic.to_string(), partition)).or_default();
+        t.in_flight.insert(offset);
+        t.next_begun = t.next_begun.max(offset + 1);
+    }
+
+    /// Notes that `offset` is finished; returns the new offset to store if it moved.
+    pub fn complete(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let t = self.partitions.get_mut(&(topic.to_string(), partition))?;
+        t.in_flight.remove(&offset);
+        let watermark = t.in_flight.first().copied().unwrap_or(t.next_begun);
+        if t.stored.is_none_or(|s| watermark > s) {
+            t.stored = Some(watermark);
+            Some(watermark)
+        } else {
+            None
+        }
+    }
+
+    /// The offset stored for a partition, if any.
+    pub fn stored(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.partitions.get(&(topic.to_string(), partition)).and_then(|t| t.stored)
+    }
+}
+
+/// The end offsets captured at start, and which partitions have reached them.
+#[derive(Debug)]
+struct Bounds {
+    ends: HashMap<(String, i32), i64>,
+    done: HashSet<(String, i32)>,
+    paused: HashSet<(String, i32)>,
+    last_committed_check: Option<Instant>,
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The high watermark of every partition of `topics`, with whether each is empty.
+pub fn end_offsets(
+    consumer: &impl Consumer,
+    topics: &[String],
+) -> Result<HashMap<(String, i32), (i64, i64)>, KafkaError> {
+    let mut ends = HashMap::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+        for t in metadata.topics() {
+            if let Some(e) = t.error() {
+                return Err(KafkaError::MetadataFetch(e.into()));
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer.fetch_watermarks(topic, p.id(), METADATA_TIMEOUT)?;
+                ends.insert((topic.clone(), p.id()), (low, high));
+            }
+        }
+    }
+    Ok(ends)
+}
+
+impl Bounds {
+    fn capture(consumer: &StreamConsumer, topics: &[String]) -> Result<Self, KafkaError> {
+        let marks = end_offsets(consumer, topics)?;
+        let done = marks.iter().filter(|(_, (low, high))| high <= low).map(|(k, _)| k.clone()).collect();
+        let ends = marks.into_iter().map(|(k, (_, high))| (k, high)).collect();
+        Ok(Bounds { ends, done, paused: HashSet::new(), last_committed_check: None })
+    }
+
+    fn beyond_end(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.ends.get(&(topic.to_string(), partition)).is_none_or(|end| offset >= *end)
+    }
+
+    fn pause(&mut self, consumer: &StreamConsumer, topic: &str, partition: i32) {
+        if self.paused.insert((topic.to_string(), partition)) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            if let Err(e) = consumer.pause(&tpl) {
+                debug!(topic, partition, error = %e, "cannot pause partition past its end");
+            }
+        }
+    }
+
+    /// Whether every partition assigned to this member has reached its end.
+    fn finished(&mut self, consumer: &StreamConsumer, tracker: &OffsetTracker) -> bool {
+        let Ok(assignment) = consumer.assignment() else { return false };
+        if assignment.count() == 0 {
+            return false;
+        }
+        let mut pending = Vec::new();
+        for el in assignment.elements() {
+            let key = (el.topic().to_string(), el.partition());
+            if self.done.contains(&key) {
+                continue;
+            }
+            let end = self.ends.get(&key).copied().unwrap_or(0);
+            if tracker.stored(&key.0, key.1).is_some_and(|s| s >= end) {
+                self.done.insert(key);
+            } else {
+                pending.push(key);
+            }
+        }
+        if pending.is_empty() {
+            return true;
+        }
+        // Partitions that another member (or an earlier run) already finished deliver no
+        // records here: learn that from the group's committed offsets, at most once a second.
+        if self.last_committed_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.last_committed_check = Some(Instant::now());
+            if let Ok(committed) = consumer.committed(METADATA_TIMEOUT) {
+                for el in committed.elements() {
+                    let key = (el.topic().to_string(), el.partition());
+                    if let (Offset::Offset(o), Some(end)) = (el.offset(), self.ends.get(&key)) {
+                        if o >= *end {
+                            self.done.insert(key);
+                        }
+                    }
+                }
+            }
+        }
+        pending.iter().all(|k| self.done.contains(k))
+    }
+}
+
+async fn wait_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
+/// Decodes and handles one record, quarantining what cannot succeed.
+async fn process<V: AvroRecord, H: Handler<V>>(
+    msg: OwnedMessage,
+    decoder: Arc<Decoder<V>>,
+    handler: Arc<H>,
+    quarantine: Quarantine,
+    config: Arc<LoopConfig>,
+    cancel: CancellationToken,
+) -> Done {
+    let origin = Origin { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
+    let mut attempts: Vec<String> = Vec::new();
+    let mut retries = 0u32;
+    let done = |outcome, retries| Done {
+        topic: origin.topic.clone(),
+        partition: origin.partition,
+        offset: origin.offset,
+        outcome,
+        retries,
+    };
+
+    let failure: String = 'work: {
+        let value = loop {
+            match decoder.decode(msg.payload()).await {
+                Ok(v) => break v,
+                Err(e) if e.is_retriable() && retries < config.max_retries => {
+                    attempts.push(e.to_string());
+                    if !wait_or_cancel(config.backoff.delay(retries), &cancel).await {
+                        return done(Outcome::Abandoned, retries);
+                    }
+                    retries += 1;
+                }
+                Err(e) => break 'work format!("cannot decode: {e}"),
+            }
+        };
+        let incoming = Incoming {
+            topic: origin.topic.clone(),
+            partition: origin.partition,
+            offset: origin.offset,
+            key: msg.key().map(<[u8]>::to_vec),
+            value,
+            timestamp_ms: msg.timestamp().to_millis(),
+        };
+        loop {
+            match handler.handle(&incoming).await {
+                Ok(()) => return done(Outcome::Processed, retries),
+                Err(HandleError::Retriable(e)) if retries < config.max_retries => {
+                    warn!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, retry = retries + 1, error = %e, "retry scheduled");
+                    attempts.push(e);
+                    if !wait_or_cancel(config.backoff.delay(retries), &cancel).await {
+                        return done(Outcome::Abandoned, retries);
+                    }
+                    retries += 1;
+                }
+                Err(HandleError::Retriable(e)) => break 'work format!("gave up after {} attempts: {e}", retries + 1),
+                Err(HandleError::Final(reason)) => break 'work reason,
+            }
+        }
+    };
+
+    // Quarantine; the offset may only move once the dead letter is acknowledged.
+    let mut q_attempt = 0u32;
+    loop {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        match quarantine.send(&origin, msg.key(), msg.payload(), &failure, attempts.clone(), now_ms).await {
+            Ok(()) => return done(Outcome::Quarantined, retries),
+            Err(e) => {
+                warn!(topic = %origin.topic, offset = origin.offset, error = %e, "cannot write dead letter, retrying");
+                if !wait_or_cancel(config.backoff.delay(q_attempt), &cancel).await {
+                    return done(Outcome::Abandoned, retries);
+                }
+                q_attempt = q_attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+fn store(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64) {
+    let mut tpl = TopicPartitionList::new();
+    if tpl.add_partition_offset(topic, partition, Offset::Offset(next)).is_ok() {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile: its new owner redoes the record.
+            debug!(topic, partition, next, error = %e, "offset not stored");
+        }
+    }
+}
+
+fn record(summary: &mut LoopSummary, tracker: &mut OffsetTracker, consumer: &StreamConsumer, d: Done) {
+    summary.retries += u64::from(d.retries);
+    match d.outcome {
+        Outcome::Processed => summary.processed += 1,
+        Outcome::Quarantined => summary.quarantined += 1,
+        Outcome::Abandoned => {
+            summary.abandoned += 1;
+            return;
+        }
+    }
+    if let Some(next) = tracker.complete(&d.topic, d.partition, d.offset) {
+        store(consumer, &d.topic, d.partition, next);
+    }
+}
+
+/// Runs the loop until `shutdown` completes or, in bounded mode, the input is consumed.
+pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
+    config: LoopConfig,
+    deps: LoopDeps<V, H>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<LoopSummary, LoopError> {
+    let consumer: StreamConsumer = deps.kafka.consumer_config(&config.group_id).create()?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let mut bounds = if config.bounded { Some(Bounds::capture(&consumer, &config.topics)?) } else { None };
+    info!(group = %config.group_id, topics = ?config.topics, bounded = config.bounded, max_in_flight = config.max_in_flight, "consumer loop started");
+
+    let config = Arc::new(config);
+    let cancel = CancellationToken::new();
+    let mut tracker = OffsetTracker::default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut summary = LoopSummary::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tokio::pin!(shutdown);
+
+    summary.stopped_by = loop {
+        if let Some(b) = bounds.as_mut() {
+            if in_flight.is_empty() && b.finished(&consumer, &tracker) {
+                break StopReason::EndOfInput;
+            }
+        }
+        tokio::select! {
+            biased;
+            Some(d) = in_flight.next() => record(&mut summary, &mut tracker, &consumer, d),
+            () = &mut shutdown => break StopReason::Shutdown,
+            msg = consumer.recv(), if in_flight.len() < config.max_in_flight => match msg {
+                Ok(m) => {
+                    let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
+                    if let Some(b) = bounds.as_mut() {
+                        if b.beyond_end(&topic, partition, offset) {
+                            b.pause(&consumer, &topic, partition);
+                            continue;
+                        }
+                    }
+                    tracker.begin(&topic, partition, offset);
+                    in_flight.push(process(
+                        m.detach(),
+                        deps.decoder.clone(),
+                        deps.handler.clone(),
+                        deps.quarantine.clone(),
+                        config.clone(),
+                        cancel.clone(),
+                    ));
+                }
+                Err(e) => {
+                    warn!(error = %e, "consume error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = tick.tick() => {}
+        }
+    };
+
+    // Drain: finish what is in flight (retry waits end at once), store, commit.
+    cancel.cancel();
+    while let Some(d) = in_flight.next().await {
+        record(&mut summary, &mut tracker, &consumer, d);
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => warn!(error = %e, "final commit failed; the next run redoes the uncommitted records"),
+    }
+    info!(
+        group = %config.group_id,
+        processed = summary.processed,
+        quarantined = summary.quarantined,
+        retries = summary.retries,
+        abandoned = summary.abandoned,
+        stopped_by = ?summary.stopped_by,
+        "consumer loop stopped"
+    );
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_offset_waits_for_the_oldest_record_in_flight() {
+        let mut t = OffsetTracker::default();
+        for o in 10..14 {
+            t.begin("a", 0, o);
+        }
+        assert_eq!(t.complete("a", 0, 12), Some(10));
+        assert_eq!(t.complete("a", 0, 11), None);
+        assert_eq!(t.complete("a", 0, 10), Some(12));
+        assert_eq!(t.complete("a", 0, 13), Some(14));
+        assert_eq!(t.stored("a", 0), Some(14));
+        assert_eq!(t.stored("a", 1), None);
+    }
+
+    #[test]
+    fn partitions_are_tracked_separately() {
+        let mut t = OffsetTracker::default();
+        t.begin("a", 0, 5);
+        t.begin("a", 1, 7);
+        assert_eq!(t.complete("a", 1, 7), Some(8));
+        assert_eq!(t.stored("a", 0), None);
+        assert_eq!(t.complete("a", 0, 5), Some(6));
+    }
+}

@@ -1,0 +1,28 @@
+//! The runtime every processor stands on: the Kafka Streams-style core, kept small.
+//!
+//! # Layout
+//! - [`config`]: the shared configuration (`DATABASE_URL`, `KAFKA_BROKERS`,
+//!   `SCHEMA_REGISTRY_URL`, `BILLING_TZ`, ...) as a clap struct with env vars, and the
+//!   librdkafka client settings derived from it.
+//! - [`producer`]: a producer that awaits every delivery and backs off on a full queue.
+//! - [`consumer`]: the consumer loop: decode, hand to a handler under an in-flight cap, store
+//!   an offset only once every record before it is done, quarantine what cannot be
+//!   processed, optionally stop at the end offsets captured at start (bounded mode), drain on
+//!   shutdown.
+//! - [`quarantine`]: where records go that cannot be processed: the dead-letter topic.
+//! - [`admin`]: topic creation from the catalogue, end offsets.
+//! - [`shutdown`]: SIGTERM / ctrl-c as a future.
+//! - [`telemetry`]: tracing set-up (text for people, JSON for containers).
+
+pub mod admin;
+pub mod config;
+pub mod consumer;
+pub mod producer;
+pub mod quarantine;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{CommonArgs, KafkaSettings};
+pub use consumer::{HandleError, Handler, Incoming, LoopConfig, LoopSummary, StopReason, run_consumer};
+pub use producer::{ProduceError, Producer};
+pub use quarantine::Quarantine;

@@ -1,0 +1,10 @@
+drop table consumer_offset;
+drop table quiet_hours;
+drop table dispatch_reservation;
+drop table template;
+drop table dead_letter;
+drop table delivery;
+drop table dispatch;
+drop table bill_item;
+drop table bill;
+drop table member;
