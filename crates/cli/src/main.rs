@@ -9,7 +9,11 @@ use billing_runtime::CommonArgs;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "billing", version, about = "Operate the telecom billing platform")]
+#[command(
+    name = "billing",
+    version,
+    about = "Operate the telecom billing platform"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -57,31 +61,58 @@ enum StackAction {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let common = cli.common;
     match cli.command {
-        Command::Stack { action: StackAction::Up } => {
+        Command::Stack {
+            action: StackAction::Up,
+        } => {
             let up = billing_ops::stack::up(&common).await?;
             for s in &up.started {
                 eprintln!("started {s}");
             }
             print!("{}", up.exports);
         }
-        Command::Stack { action: StackAction::Down { purge } } => {
+        Command::Stack {
+            action: StackAction::Down { purge },
+        } => {
             for line in billing_ops::stack::down(&common, purge).await? {
                 eprintln!("{line}");
             }
         }
-        Command::Stack { action: StackAction::Status } => {
+        Command::Stack {
+            action: StackAction::Status,
+        } => {
             let s = billing_ops::stack::status(&common).await;
             let word = |up: bool| if up { "up" } else { "down" };
-            println!("postgres         {:4}  {}", word(s.postgres), billing_ops::stack::mask(&common.database_url));
-            println!("broker           {:4}  {}", word(s.broker), common.kafka_brokers);
-            println!("schema-registry  {:4}  {}", word(s.registry), common.schema_registry_url);
+            println!(
+                "postgres         {:4}  {}",
+                word(s.postgres),
+                billing_ops::stack::mask(&common.database_url)
+            );
+            println!(
+                "broker           {:4}  {}",
+                word(s.broker),
+                common.kafka_brokers
+            );
+            println!(
+                "schema-registry  {:4}  {}",
+                word(s.registry),
+                common.schema_registry_url
+            );
             if !s.all_up() {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Seed { month, members, seed, quiet } => {
+        Command::Seed {
+            month,
+            members,
+            seed,
+            quiet,
+        } => {
             let bar = (!quiet).then(|| billing_ops::seed::progress_bar(members));
-            let options = billing_ops::seed::SeedOptions { month, members, seed };
+            let options = billing_ops::seed::SeedOptions {
+                month,
+                members,
+                seed,
+            };
             let r = billing_ops::seed::seed(&common, options, bar).await?;
             println!("seeded {} for seed {seed}", r.month);
             for (topic, n) in &r.topics {
@@ -102,7 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("billing: cannot start runtime: {e}");

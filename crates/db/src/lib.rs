@@ -45,14 +45,19 @@ pub async fn connect(url: &str) -> Result<AsyncPgConnection, DbError> {
 pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
     let conn = connect(url).await?;
     let mut harness = AsyncMigrationHarness::new(conn);
-    let applied = harness.run_pending_migrations(MIGRATIONS).map_err(|e| DbError::Migrate(e.to_string()))?;
+    let applied = harness
+        .run_pending_migrations(MIGRATIONS)
+        .map_err(|e| DbError::Migrate(e.to_string()))?;
     Ok(applied.iter().map(ToString::to_string).collect())
 }
 
 /// A pool of at most `size` connections.
 pub fn pool(url: &str, size: usize) -> Result<PgPool, DbError> {
     let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
-    Pool::builder(manager).max_size(size).build().map_err(|e| DbError::Pool(e.to_string()))
+    Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
 }
 
 /// `url` with the session's `search_path` set to `schema`, so a test can run against its own

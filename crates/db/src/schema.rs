@@ -129,5 +129,14 @@ diesel::joinable!(bill_item -> bill (bill_id));
 diesel::joinable!(delivery -> bill (bill_id));
 diesel::joinable!(dispatch -> bill (bill_id));
 diesel::allow_tables_to_appear_in_same_query!(
-    member, bill, bill_item, dispatch, delivery, dead_letter, template, dispatch_reservation, quiet_hours, consumer_offset,
+    member,
+    bill,
+    bill_item,
+    dispatch,
+    delivery,
+    dead_letter,
+    template,
+    dispatch_reservation,
+    quiet_hours,
+    consumer_offset,
 );

@@ -18,13 +18,20 @@ pub const UNDELIVERABLE_PER_MILLE: u32 = 5;
 pub const UNDELIVERABLE_DOMAIN: &str = "bounce.invalid";
 
 const SURNAMES: [&str; 20] = [
-    "김", "이", "박", "최", "정", "강", "조", "윤", "장", "임", "한", "오", "서", "신", "권", "황", "안", "송", "류", "홍",
+    "김", "이", "박", "최", "정", "강", "조", "윤", "장", "임", "한", "오", "서", "신", "권", "황",
+    "안", "송", "류", "홍",
 ];
 const SYLLABLES: [&str; 24] = [
-    "민", "서", "준", "지", "현", "우", "윤", "도", "하", "예", "은", "수", "연", "진", "영", "호", "유", "아", "성", "재",
-    "희", "태", "원", "빈",
+    "민", "서", "준", "지", "현", "우", "윤", "도", "하", "예", "은", "수", "연", "진", "영", "호",
+    "유", "아", "성", "재", "희", "태", "원", "빈",
 ];
-const DOMAINS: [&str; 5] = ["naver.com", "gmail.com", "daum.net", "kakao.com", "hanmail.net"];
+const DOMAINS: [&str; 5] = [
+    "naver.com",
+    "gmail.com",
+    "daum.net",
+    "kakao.com",
+    "hanmail.net",
+];
 
 /// SplitMix64: spreads (seed, id) into independent stream seeds.
 fn mix(mut z: u64) -> u64 {
@@ -48,9 +55,20 @@ impl Generator {
     /// A generator for `month` in time zone `tz`.
     pub fn new(seed: u64, month: BillingMonth, tz: Tz) -> Self {
         let (start, end) = month.bounds(tz);
-        let first_day = i32::try_from(month.first_day().signed_duration_since(chrono::NaiveDate::default()).num_days())
-            .unwrap_or(i32::MAX);
-        Generator { seed, month, start_ms: start.timestamp_millis(), end_ms: end.timestamp_millis(), first_day }
+        let first_day = i32::try_from(
+            month
+                .first_day()
+                .signed_duration_since(chrono::NaiveDate::default())
+                .num_days(),
+        )
+        .unwrap_or(i32::MAX);
+        Generator {
+            seed,
+            month,
+            start_ms: start.timestamp_millis(),
+            end_ms: end.timestamp_millis(),
+            first_day,
+        }
     }
 
     /// The instant every generated record is stamped with as its last update.
@@ -75,7 +93,10 @@ impl Generator {
         let email = if r.random_range(0..1000) < UNDELIVERABLE_PER_MILLE {
             format!("member{member_id}@{UNDELIVERABLE_DOMAIN}")
         } else {
-            format!("member{member_id}@{}", DOMAINS[r.random_range(0..DOMAINS.len())])
+            format!(
+                "member{member_id}@{}",
+                DOMAINS[r.random_range(0..DOMAINS.len())]
+            )
         };
         let phone = format!("+8210{:08}", member_id.rem_euclid(100_000_000));
         let delivery_day = r.random_range(1..=31);
@@ -169,7 +190,10 @@ mod tests {
     fn same_seed_same_data_in_any_order() {
         let g = generator(42);
         let forward: Vec<_> = (1..=50).map(|id| (g.member(id), g.usage(id))).collect();
-        let backward: Vec<_> = (1..=50).rev().map(|id| (g.member(id), g.usage(id))).collect();
+        let backward: Vec<_> = (1..=50)
+            .rev()
+            .map(|id| (g.member(id), g.usage(id)))
+            .collect();
         assert_eq!(forward, backward.into_iter().rev().collect::<Vec<_>>());
         assert_ne!(generator(43).member(1), g.member(1));
     }
@@ -187,7 +211,10 @@ mod tests {
             assert!(m.dnd_start_minute.unwrap_or(0) < 1440 && m.dnd_end_minute.unwrap_or(0) < 1440);
             for u in g.usage(id) {
                 assert!(u.quantity > 0);
-                assert!(u.occurred_at >= start.timestamp_millis() && u.occurred_at < end.timestamp_millis());
+                assert!(
+                    u.occurred_at >= start.timestamp_millis()
+                        && u.occurred_at < end.timestamp_millis()
+                );
                 usage += 1;
             }
         }

@@ -49,9 +49,15 @@ impl BillingMonth {
     /// The following month.
     pub fn next(self) -> BillingMonth {
         if self.month == 12 {
-            BillingMonth { year: self.year + 1, month: 1 }
+            BillingMonth {
+                year: self.year + 1,
+                month: 1,
+            }
         } else {
-            BillingMonth { year: self.year, month: self.month + 1 }
+            BillingMonth {
+                year: self.year,
+                month: self.month + 1,
+            }
         }
     }
 
@@ -65,7 +71,9 @@ impl BillingMonth {
     /// the last day.
     pub fn delivery_date(self, delivery_day: u32) -> NaiveDate {
         let day = delivery_day.clamp(1, self.days());
-        self.first_day().with_day(day).unwrap_or_else(|| self.first_day())
+        self.first_day()
+            .with_day(day)
+            .unwrap_or_else(|| self.first_day())
     }
 
     /// The month's start and end (exclusive) as instants, in time zone `tz`.
@@ -82,7 +90,10 @@ impl BillingMonth {
     /// The month that contains `instant` in time zone `tz`.
     pub fn containing(instant: DateTime<Utc>, tz: Tz) -> BillingMonth {
         let local = instant.with_timezone(&tz);
-        BillingMonth { year: local.year(), month: local.month() }
+        BillingMonth {
+            year: local.year(),
+            month: local.month(),
+        }
     }
 }
 

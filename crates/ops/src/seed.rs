@@ -54,7 +54,9 @@ impl SeedReport {
     /// Records per second over the whole run.
     pub fn records_per_sec(&self) -> u64 {
         let records = self.members + self.products + self.usage_records;
-        let ms = u64::try_from(self.elapsed.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = u64::try_from(self.elapsed.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         records.saturating_mul(1000) / ms
     }
 }
@@ -100,7 +102,9 @@ fn send(
     payload: &[u8],
 ) -> Result<(), OpsError> {
     loop {
-        let record = BaseRecord::with_opaque_to(topic, idx).key(key).payload(payload);
+        let record = BaseRecord::with_opaque_to(topic, idx)
+            .key(key)
+            .payload(payload);
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -118,7 +122,11 @@ struct Encoders {
 }
 
 /// Generates `options.members` members, the catalogue and the month's usage onto the topics.
-pub async fn seed(common: &CommonArgs, options: SeedOptions, progress: Option<ProgressBar>) -> Result<SeedReport, OpsError> {
+pub async fn seed(
+    common: &CommonArgs,
+    options: SeedOptions,
+    progress: Option<ProgressBar>,
+) -> Result<SeedReport, OpsError> {
     if options.members == 0 {
         return Err(OpsError::Seed("--members must be at least 1".into()));
     }
@@ -221,4 +229,3 @@ pub fn progress_bar(members: u64) -> ProgressBar {
     }
     bar
 }
-

@@ -61,7 +61,12 @@ pub struct PgUrl {
 impl PgUrl {
     /// Parses the URL forms `billing` documents.
     pub fn parse(url: &str) -> Result<Self, OpsError> {
-        let bad = || err(format!("DATABASE_URL is not postgres://user:password@host[:port]/database: {}", mask(url)));
+        let bad = || {
+            err(format!(
+                "DATABASE_URL is not postgres://user:password@host[:port]/database: {}",
+                mask(url)
+            ))
+        };
         let rest = url
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
@@ -74,9 +79,12 @@ impl PgUrl {
             Some((h, p)) => (h, p.parse().map_err(|_| bad())?),
             None => (hostport, 5432),
         };
-        let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let plain =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !plain(user) || !plain(database) || password.contains('\'') {
-            return Err(err("DATABASE_URL user and database must be plain identifiers for the local stack"));
+            return Err(err(
+                "DATABASE_URL user and database must be plain identifiers for the local stack",
+            ));
         }
         Ok(PgUrl {
             user: user.into(),
@@ -105,9 +113,14 @@ pub fn mask(url: &str) -> String {
 fn host_port(url: &str) -> Result<(String, u16), OpsError> {
     let rest = url.split("://").nth(1).unwrap_or(url);
     let hostport = rest.split(['/', ',']).next().unwrap_or(rest);
-    let (h, p) = hostport.rsplit_once(':').ok_or_else(|| err(format!("no port in {url}")))?;
+    let (h, p) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| err(format!("no port in {url}")))?;
     let port = p.parse().map_err(|_| err(format!("bad port in {url}")))?;
-    Ok((h.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+    Ok((
+        h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        port,
+    ))
 }
 
 fn is_local(host: &str) -> bool {
@@ -115,12 +128,17 @@ fn is_local(host: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Result<String, OpsError> {
-    let out = cmd.output().map_err(|e| err(format!("cannot run {cmd:?}: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| err(format!("cannot run {cmd:?}: {e}")))?;
     if !out.status.success() {
         return Err(err(format!(
             "{:?} failed: {}",
             cmd.get_program(),
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -134,7 +152,11 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-async fn wait_for<F, Fut>(what: &str, mut check: F) -> Result<(), OpsError>
+async fn wait_for<F, Fut>(
+    what: &str,
+    process: Option<(&str, u32)>,
+    mut check: F,
+) -> Result<(), OpsError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -144,14 +166,34 @@ where
         if check().await {
             return Ok(());
         }
+        if let Some((name, pid)) = process {
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                let log = stack_dir()?.join(format!("{name}.log"));
+                let last = fs::read_to_string(&log)
+                    .ok()
+                    .and_then(|t| t.lines().last().map(str::to_string));
+                return Err(err(format!(
+                    "{what} exited at start: {} (log: {})",
+                    last.unwrap_or_default(),
+                    log.display()
+                )));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Err(err(format!("{what} did not answer within {}s (see {})", WAIT.as_secs(), stack_dir()?.display())))
+    Err(err(format!(
+        "{what} did not answer within {}s (see {})",
+        WAIT.as_secs(),
+        stack_dir()?.display()
+    )))
 }
 
 /// Whether PostgreSQL answers at `url`.
 pub async fn postgres_answers(url: &str) -> bool {
-    matches!(tokio::time::timeout(Duration::from_secs(3), billing_db::connect(url)).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), billing_db::connect(url)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Whether a Kafka-API broker answers at `brokers`.
@@ -189,10 +231,17 @@ fn start_local_postgres(url: &PgUrl) -> Result<(), OpsError> {
     if !have("pg_lsclusters") {
         tracing::info!("installing postgresql from Debian's packages");
         run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get").args(["install", "-y", "postgresql"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "postgresql"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     let clusters = run(Command::new("pg_lsclusters").arg("--no-header"))?;
-    let first: Vec<&str> = clusters.lines().next().unwrap_or("").split_whitespace().collect();
+    let first: Vec<&str> = clusters
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     match first.as_slice() {
         [version, name, _port, status, ..] => {
             if *status != "online" {
@@ -201,7 +250,11 @@ fn start_local_postgres(url: &PgUrl) -> Result<(), OpsError> {
         }
         _ => {
             let versions = run(Command::new("ls").arg("/usr/lib/postgresql"))?;
-            let version = versions.split_whitespace().last().ok_or_else(|| err("no PostgreSQL version installed"))?.to_string();
+            let version = versions
+                .split_whitespace()
+                .last()
+                .ok_or_else(|| err("no PostgreSQL version installed"))?
+                .to_string();
             run(Command::new("pg_createcluster").args([version.as_str(), "main", "--start"]))?;
         }
     }
@@ -218,16 +271,74 @@ fn start_local_postgres(url: &PgUrl) -> Result<(), OpsError> {
         u = url.user,
         p = url.password
     );
-    run(&mut as_postgres(&["psql", "-v", "ON_ERROR_STOP=1", "-qc", &role]))?;
+    run(&mut as_postgres(&[
+        "psql",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-qc",
+        &role,
+    ]))?;
     let exists = run(&mut as_postgres(&[
         "psql",
         "-qAtc",
-        &format!("select 1 from pg_database where datname = '{}'", url.database),
+        &format!(
+            "select 1 from pg_database where datname = '{}'",
+            url.database
+        ),
     ]))?;
     if exists.trim() != "1" {
-        run(&mut as_postgres(&["createdb", "-O", &url.user, &url.database]))?;
+        run(&mut as_postgres(&[
+            "createdb",
+            "-O",
+            &url.user,
+            &url.database,
+        ]))?;
     }
     Ok(())
+}
+
+/// The broker's storage engine URL, from `BILLING_BROKER_STORAGE`: `postgres` (default:
+/// durable, in database `<database>_broker` on the same server), `sqlite` (durable, a file
+/// in the stack dir) or `memory` (fastest, lost on stop: for tests and benchmarks).
+fn broker_storage(database_url: &str) -> Result<String, OpsError> {
+    let choice = std::env::var("BILLING_BROKER_STORAGE").unwrap_or_else(|_| "postgres".to_string());
+    match choice.as_str() {
+        "memory" => Ok("memory://nisshi/".to_string()),
+        // nisshi reads the sqlite path relative to its working directory, the stack dir.
+        "sqlite" => Ok("sqlite://broker.db".to_string()),
+        "postgres" => {
+            let url = PgUrl::parse(database_url)?;
+            let db = format!("{}_broker", url.database);
+            if is_local(&url.host) {
+                let exists = run(&mut as_postgres(&[
+                    "psql",
+                    "-p",
+                    &url.port.to_string(),
+                    "-qAtc",
+                    &format!("select 1 from pg_database where datname = '{db}'"),
+                ]))?;
+                if exists.trim() != "1" {
+                    run(&mut as_postgres(&[
+                        "createdb",
+                        "-p",
+                        &url.port.to_string(),
+                        "-O",
+                        &url.user,
+                        &db,
+                    ]))?;
+                }
+            }
+            // The broker's client verifies TLS strictly; the local server's certificate is
+            // self-signed, and the connection never leaves the machine.
+            Ok(format!(
+                "postgres://{}:{}@{}:{}/{db}?sslmode=disable",
+                url.user, url.password, url.host, url.port
+            ))
+        }
+        other => Err(err(format!(
+            "BILLING_BROKER_STORAGE must be postgres, sqlite or memory, not {other:?}"
+        ))),
+    }
 }
 
 /// The broker binary: cached under `$BILLING_HOME`, on PATH, or built now.
@@ -240,11 +351,23 @@ fn broker_binary() -> Result<(PathBuf, &'static str), OpsError> {
     if tansu.exists() {
         return Ok((tansu, "tansu"));
     }
-    let nightly = run(Command::new("rustup").args(["toolchain", "list"])).is_ok_and(|l| l.contains("nightly"));
+    let nightly = run(Command::new("rustup").args(["toolchain", "list"]))
+        .is_ok_and(|l| l.contains("nightly"));
     if nightly {
-        tracing::info!(version = NISSHI_VERSION, "building the nisshi broker with the nightly toolchain (about 10 minutes, once)");
+        tracing::info!(
+            version = NISSHI_VERSION,
+            "building the nisshi broker with the nightly toolchain (about 10 minutes, once)"
+        );
         let status = Command::new("cargo")
-            .args(["+nightly", "install", "nisshi", "--version", NISSHI_VERSION, "--locked", "--root"])
+            .args([
+                "+nightly",
+                "install",
+                "nisshi",
+                "--version",
+                NISSHI_VERSION,
+                "--locked",
+                "--root",
+            ])
             .arg(home().join("nisshi"))
             .stdout(Stdio::null())
             .status()
@@ -254,9 +377,21 @@ fn broker_binary() -> Result<(PathBuf, &'static str), OpsError> {
         }
         return Err(err("building nisshi failed"));
     }
-    tracing::warn!(version = TANSU_VERSION, "no nightly toolchain: building the tansu broker instead (sqlite storage)");
+    tracing::warn!(
+        version = TANSU_VERSION,
+        "no nightly toolchain: building the tansu broker instead (sqlite storage)"
+    );
     let status = Command::new("cargo")
-        .args(["install", "tansu", "--version", TANSU_VERSION, "--locked", "--features", "dynostore,postgres,libsql", "--root"])
+        .args([
+            "install",
+            "tansu",
+            "--version",
+            TANSU_VERSION,
+            "--locked",
+            "--features",
+            "dynostore,postgres,libsql",
+            "--root",
+        ])
         .arg(home().join("tansu"))
         .stdout(Stdio::null())
         .status()
@@ -268,13 +403,22 @@ fn broker_binary() -> Result<(PathBuf, &'static str), OpsError> {
     }
 }
 
-fn spawn_detached(name: &str, program: &Path, args: &[String], envs: &[(&str, String)]) -> Result<u32, OpsError> {
+fn spawn_detached(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    envs: &[(&str, String)],
+) -> Result<u32, OpsError> {
     let dir = stack_dir()?;
-    let log = File::create(dir.join(format!("{name}.log"))).map_err(|e| err(format!("cannot create log: {e}")))?;
-    let log2 = log.try_clone().map_err(|e| err(format!("cannot create log: {e}")))?;
+    let log = File::create(dir.join(format!("{name}.log")))
+        .map_err(|e| err(format!("cannot create log: {e}")))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| err(format!("cannot create log: {e}")))?;
     let child = Command::new(program)
         .args(args)
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -317,13 +461,16 @@ pub async fn up(common: &CommonArgs) -> Result<Up, OpsError> {
     if !postgres_answers(&common.database_url).await {
         let url = PgUrl::parse(&common.database_url)?;
         if !is_local(&url.host) {
-            return Err(err(format!("PostgreSQL at {} does not answer", mask(&common.database_url))));
+            return Err(err(format!(
+                "PostgreSQL at {} does not answer",
+                mask(&common.database_url)
+            )));
         }
         tokio::task::spawn_blocking(move || start_local_postgres(&url))
             .await
             .map_err(|e| err(e.to_string()))??;
         let db = common.database_url.clone();
-        wait_for("PostgreSQL", || postgres_answers(&db)).await?;
+        wait_for("PostgreSQL", None, || postgres_answers(&db)).await?;
         started.push("postgres".to_string());
     }
     billing_db::migrate(&common.database_url).await?;
@@ -331,11 +478,16 @@ pub async fn up(common: &CommonArgs) -> Result<Up, OpsError> {
     if !broker_answers(&common.kafka_brokers).await {
         let (host, port) = host_port(&common.kafka_brokers)?;
         if !is_local(&host) {
-            return Err(err(format!("no broker answers at {}", common.kafka_brokers)));
+            return Err(err(format!(
+                "no broker answers at {}",
+                common.kafka_brokers
+            )));
         }
-        let (bin, kind) = tokio::task::spawn_blocking(broker_binary).await.map_err(|e| err(e.to_string()))??;
+        let (bin, kind) = tokio::task::spawn_blocking(broker_binary)
+            .await
+            .map_err(|e| err(e.to_string()))??;
         let listener = format!("tcp://{host}:{port}");
-        let storage = format!("sqlite://{}", stack_dir()?.join("broker.db").display());
+        let storage = broker_storage(&common.database_url)?;
         let args = vec![
             "broker".to_string(),
             "--listener-url".into(),
@@ -350,14 +502,20 @@ pub async fn up(common: &CommonArgs) -> Result<Up, OpsError> {
         let pid = spawn_detached("broker", &bin, &args, &[])?;
         tracing::info!(pid, kind, "broker started");
         let brokers = common.kafka_brokers.clone();
-        wait_for("the broker", || broker_answers(&brokers)).await?;
+        wait_for("the broker", Some(("broker", pid)), || {
+            broker_answers(&brokers)
+        })
+        .await?;
         started.push(kind.to_string());
     }
 
     if !registry_answers(&common.schema_registry_url).await {
         let (host, port) = host_port(&common.schema_registry_url)?;
         if !is_local(&host) {
-            return Err(err(format!("no schema registry answers at {}", common.schema_registry_url)));
+            return Err(err(format!(
+                "no schema registry answers at {}",
+                common.schema_registry_url
+            )));
         }
         let bin = registry_binary()?;
         let pid = spawn_detached(
@@ -372,12 +530,18 @@ pub async fn up(common: &CommonArgs) -> Result<Up, OpsError> {
         )?;
         tracing::info!(pid, "schema registry started");
         let url = common.schema_registry_url.clone();
-        wait_for("the schema registry", || registry_answers(&url)).await?;
+        wait_for("the schema registry", Some(("registry", pid)), || {
+            registry_answers(&url)
+        })
+        .await?;
         started.push("schema-registry".to_string());
     }
 
     crate::topics::ensure(common).await?;
-    Ok(Up { started, exports: exports(common) })
+    Ok(Up {
+        started,
+        exports: exports(common),
+    })
 }
 
 /// The `export` lines for the stack's variables.
@@ -390,7 +554,9 @@ pub fn exports(common: &CommonArgs) -> String {
 
 fn stop_pid_file(name: &str) -> Result<bool, OpsError> {
     let file = stack_dir()?.join(format!("{name}.pid"));
-    let Ok(text) = fs::read_to_string(&file) else { return Ok(false) };
+    let Ok(text) = fs::read_to_string(&file) else {
+        return Ok(false);
+    };
     let pid = text.trim().to_string();
     let alive = |pid: &str| Path::new("/proc").join(pid).exists();
     if alive(&pid) {
@@ -428,7 +594,10 @@ pub async fn down(common: &CommonArgs, purge: bool) -> Result<Vec<String>, OpsEr
         done.push("database contents deleted".to_string());
     }
     for name in ["registry", "broker"] {
-        if tokio::task::spawn_blocking(move || stop_pid_file(name)).await.map_err(|e| err(e.to_string()))?? {
+        if tokio::task::spawn_blocking(move || stop_pid_file(name))
+            .await
+            .map_err(|e| err(e.to_string()))??
+        {
             done.push(format!("{name} stopped"));
         }
     }
@@ -436,6 +605,23 @@ pub async fn down(common: &CommonArgs, purge: bool) -> Result<Vec<String>, OpsEr
         let dir = stack_dir()?;
         for f in ["broker.db", "broker.db-wal", "broker.db-shm"] {
             let _ = fs::remove_file(dir.join(f));
+        }
+        if let Ok(url) = PgUrl::parse(&common.database_url) {
+            if is_local(&url.host) {
+                let db = format!("{}_broker", url.database);
+                let port = url.port.to_string();
+                tokio::task::spawn_blocking(move || {
+                    run(&mut as_postgres(&[
+                        "dropdb",
+                        "-p",
+                        &port,
+                        "--if-exists",
+                        &db,
+                    ]))
+                })
+                .await
+                .map_err(|e| err(e.to_string()))??;
+            }
         }
         done.push("broker data deleted (topics and their records)".to_string());
     }
@@ -463,7 +649,11 @@ pub async fn status(common: &CommonArgs) -> Status {
         broker_answers(&common.kafka_brokers),
         registry_answers(&common.schema_registry_url)
     );
-    Status { postgres, broker, registry }
+    Status {
+        postgres,
+        broker,
+        registry,
+    }
 }
 
 #[cfg(test)]
@@ -473,9 +663,21 @@ mod tests {
 
     #[test]
     fn parses_database_urls() {
-        let u = PgUrl::parse("postgres://billing:secret@127.0.0.1:5433/billing?sslmode=disable").unwrap();
-        assert_eq!((u.user.as_str(), u.password.as_str(), u.port, u.database.as_str()), ("billing", "secret", 5433, "billing"));
-        assert_eq!(PgUrl::parse("postgresql://a@localhost/b").unwrap().port, 5432);
+        let u = PgUrl::parse("postgres://billing:secret@127.0.0.1:5433/billing?sslmode=disable")
+            .unwrap();
+        assert_eq!(
+            (
+                u.user.as_str(),
+                u.password.as_str(),
+                u.port,
+                u.database.as_str()
+            ),
+            ("billing", "secret", 5433, "billing")
+        );
+        assert_eq!(
+            PgUrl::parse("postgresql://a@localhost/b").unwrap().port,
+            5432
+        );
         assert!(PgUrl::parse("mysql://a@b/c").is_err());
         assert!(PgUrl::parse("postgres://a;drop@h/c").is_err());
     }
@@ -488,7 +690,13 @@ mod tests {
 
     #[test]
     fn finds_host_and_port() {
-        assert_eq!(host_port("http://127.0.0.1:8081").unwrap(), ("127.0.0.1".to_string(), 8081));
-        assert_eq!(host_port("127.0.0.1:9092,127.0.0.1:9093").unwrap(), ("127.0.0.1".to_string(), 9092));
+        assert_eq!(
+            host_port("http://127.0.0.1:8081").unwrap(),
+            ("127.0.0.1".to_string(), 8081)
+        );
+        assert_eq!(
+            host_port("127.0.0.1:9092,127.0.0.1:9093").unwrap(),
+            ("127.0.0.1".to_string(), 9092)
+        );
     }
 }

@@ -14,7 +14,9 @@ pub async fn ensure(common: &CommonArgs) -> Result<Vec<(String, u32)>, OpsError>
     let registry = Registry::new(&common.schema_registry_url)?;
     let mut ids = Vec::new();
     for spec in &ALL {
-        let id = registry.register(&catalogue.value_subject(spec), spec.schema_json).await?;
+        let id = registry
+            .register(&catalogue.value_subject(spec), spec.schema_json)
+            .await?;
         ids.push((catalogue.name(spec), id));
     }
     Ok(ids)

@@ -6,7 +6,10 @@
 
 use std::{fmt, str::FromStr};
 
-use apache_avro::{Schema, schema_compatibility::{Compatibility, SchemaCompatibility}};
+use apache_avro::{
+    Schema,
+    schema_compatibility::{Compatibility, SchemaCompatibility},
+};
 
 /// A subject's compatibility level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +28,22 @@ impl Level {
     pub const DEFAULT: Level = Level::Backward;
 
     fn transitive(self) -> bool {
-        matches!(self, Level::BackwardTransitive | Level::ForwardTransitive | Level::FullTransitive)
+        matches!(
+            self,
+            Level::BackwardTransitive | Level::ForwardTransitive | Level::FullTransitive
+        )
     }
     fn backward(self) -> bool {
-        matches!(self, Level::Backward | Level::BackwardTransitive | Level::Full | Level::FullTransitive)
+        matches!(
+            self,
+            Level::Backward | Level::BackwardTransitive | Level::Full | Level::FullTransitive
+        )
     }
     fn forward(self) -> bool {
-        matches!(self, Level::Forward | Level::ForwardTransitive | Level::Full | Level::FullTransitive)
+        matches!(
+            self,
+            Level::Forward | Level::ForwardTransitive | Level::Full | Level::FullTransitive
+        )
     }
 }
 
@@ -93,7 +105,11 @@ pub fn check(level: Level, new: &Schema, existing: &[Schema]) -> Result<(), Vec<
             }
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 #[cfg(test)]
@@ -102,7 +118,10 @@ mod tests {
     use super::*;
 
     fn s(fields: &str) -> Schema {
-        Schema::parse_str(&format!(r#"{{"type":"record","name":"R","fields":[{fields}]}}"#)).unwrap()
+        Schema::parse_str(&format!(
+            r#"{{"type":"record","name":"R","fields":[{fields}]}}"#
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -132,7 +151,8 @@ mod tests {
     #[test]
     fn transitive_checks_every_version() {
         let v1 = s(r#"{"name":"a","type":"long"}"#);
-        let v2 = s(r#"{"name":"a","type":"long","default":0},{"name":"b","type":"long","default":0}"#);
+        let v2 =
+            s(r#"{"name":"a","type":"long","default":0},{"name":"b","type":"long","default":0}"#);
         let v3 = s(r#"{"name":"b","type":"long"}"#);
         // v3 reads v2 (b present) but not v1 (no b, no default).
         assert!(check(Level::Backward, &v3, &[v1.clone(), v2.clone()]).is_ok());

@@ -33,28 +33,56 @@ pub struct App {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(|| async { reply(StatusCode::OK, json!({})) }))
-        .route("/schemas/types", get(|| async { reply(StatusCode::OK, json!(["AVRO"])) }))
+        .route(
+            "/schemas/types",
+            get(|| async { reply(StatusCode::OK, json!(["AVRO"])) }),
+        )
         .route("/subjects", get(subjects))
-        .route("/subjects/{subject}", axum::routing::post(lookup).delete(delete_subject))
+        .route(
+            "/subjects/{subject}",
+            axum::routing::post(lookup).delete(delete_subject),
+        )
         .route("/subjects/{subject}/versions", get(versions).post(register))
         .route("/subjects/{subject}/versions/{version}", get(version))
-        .route("/subjects/{subject}/versions/{version}/schema", get(version_schema))
+        .route(
+            "/subjects/{subject}/versions/{version}/schema",
+            get(version_schema),
+        )
         .route("/schemas/ids/{id}", get(schema_by_id))
         .route("/schemas/ids/{id}/schema", get(raw_schema_by_id))
         .route("/schemas/ids/{id}/versions", get(uses_of))
-        .route("/compatibility/subjects/{subject}/versions", axum::routing::post(compatible_all))
-        .route("/compatibility/subjects/{subject}/versions/{version}", axum::routing::post(compatible_with))
+        .route(
+            "/compatibility/subjects/{subject}/versions",
+            axum::routing::post(compatible_all),
+        )
+        .route(
+            "/compatibility/subjects/{subject}/versions/{version}",
+            axum::routing::post(compatible_with),
+        )
         .route("/config", get(global_config).put(set_global_config))
-        .route("/config/{subject}", get(subject_config).put(set_subject_config).delete(delete_subject_config))
+        .route(
+            "/config/{subject}",
+            get(subject_config)
+                .put(set_subject_config)
+                .delete(delete_subject_config),
+        )
         .with_state(app)
 }
 
 fn reply(status: StatusCode, body: Value) -> Response {
-    (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
-    reply(status, json!({ "error_code": code, "message": message.into() }))
+    reply(
+        status,
+        json!({ "error_code": code, "message": message.into() }),
+    )
 }
 
 fn store_error(e: StoreError) -> Response {
@@ -68,7 +96,11 @@ fn store_error(e: StoreError) -> Response {
 }
 
 fn subject_not_found(subject: &str) -> Response {
-    error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found."))
+    error(
+        StatusCode::NOT_FOUND,
+        40401,
+        format!("Subject '{subject}' not found."),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,16 +115,38 @@ struct SchemaBody {
 /// Parses a request body into an Avro schema and its canonical form.
 #[allow(clippy::result_large_err)]
 fn parse_body(body: &Bytes) -> Result<(SchemaBody, Schema, String), Response> {
-    let parsed: SchemaBody = serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid request body: {e}")))?;
-    if parsed.schema_type.as_deref().is_some_and(|t| !t.eq_ignore_ascii_case("AVRO")) {
-        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Only AVRO schemas are supported here"));
+    let parsed: SchemaBody = serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+            format!("Invalid request body: {e}"),
+        )
+    })?;
+    if parsed
+        .schema_type
+        .as_deref()
+        .is_some_and(|t| !t.eq_ignore_ascii_case("AVRO"))
+    {
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+            "Only AVRO schemas are supported here",
+        ));
     }
     if !parsed.references.is_empty() {
-        return Err(error(StatusCode::UNPROCESSABLE_ENTITY, 42201, "Schema references are not supported here"));
+        return Err(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+            "Schema references are not supported here",
+        ));
     }
-    let schema = Schema::parse_str(&parsed.schema)
-        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, 42201, format!("Invalid schema: {e}")))?;
+    let schema = Schema::parse_str(&parsed.schema).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42201,
+            format!("Invalid schema: {e}"),
+        )
+    })?;
     let canonical = schema.canonical_form();
     Ok((parsed, schema, canonical))
 }
@@ -106,7 +160,13 @@ fn parse_version(v: &str) -> Result<VersionRef, Response> {
             .ok()
             .filter(|n| *n > 0)
             .map(VersionRef::Number)
-            .ok_or_else(|| error(StatusCode::UNPROCESSABLE_ENTITY, 42202, format!("Invalid version {n:?}"))),
+            .ok_or_else(|| {
+                error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    42202,
+                    format!("Invalid version {n:?}"),
+                )
+            }),
     }
 }
 
@@ -133,7 +193,11 @@ async fn versions(State(app): State<Arc<App>>, Path(subject): Path<String>) -> R
     }
 }
 
-async fn register(State(app): State<Arc<App>>, Path(subject): Path<String>, body: Bytes) -> Response {
+async fn register(
+    State(app): State<Arc<App>>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Response {
     let (parsed, schema, canonical) = match parse_body(&body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -144,7 +208,10 @@ async fn register(State(app): State<Arc<App>>, Path(subject): Path<String>, body
     };
     let subject_name = subject.clone();
     let check = move |existing: &[String]| -> Result<(), String> {
-        let old: Vec<Schema> = existing.iter().filter_map(|t| Schema::parse_str(t).ok()).collect();
+        let old: Vec<Schema> = existing
+            .iter()
+            .filter_map(|t| Schema::parse_str(t).ok())
+            .collect();
         compat::check(level, &schema, &old).map_err(|problems| {
             format!(
                 "Schema being registered is incompatible with an earlier schema for subject \"{subject_name}\" ({level}): {}",
@@ -152,7 +219,11 @@ async fn register(State(app): State<Arc<App>>, Path(subject): Path<String>, body
             )
         })
     };
-    match app.store.register(&subject, &parsed.schema, &canonical, check).await {
+    match app
+        .store
+        .register(&subject, &parsed.schema, &canonical, check)
+        .await
+    {
         Ok(r) => {
             if r.created {
                 tracing::info!(subject = %subject, id = r.id, version = r.version, "schema registered");
@@ -182,7 +253,10 @@ async fn lookup(State(app): State<Arc<App>>, Path(subject): Path<String>, body: 
     }
 }
 
-async fn version(State(app): State<Arc<App>>, Path((subject, version)): Path<(String, String)>) -> Response {
+async fn version(
+    State(app): State<Arc<App>>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Response {
     let v = match parse_version(&version) {
         Ok(v) => v,
         Err(r) => return r,
@@ -194,26 +268,46 @@ async fn version(State(app): State<Arc<App>>, Path((subject, version)): Path<(St
         ),
         Ok(None) => match app.store.versions(&subject).await {
             Ok(vs) if vs.is_empty() => subject_not_found(&subject),
-            Ok(_) => error(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")),
+            Ok(_) => error(
+                StatusCode::NOT_FOUND,
+                40402,
+                format!("Version {version} not found."),
+            ),
             Err(e) => store_error(e),
         },
         Err(e) => store_error(e),
     }
 }
 
-async fn version_schema(State(app): State<Arc<App>>, Path((subject, version)): Path<(String, String)>) -> Response {
+async fn version_schema(
+    State(app): State<Arc<App>>,
+    Path((subject, version)): Path<(String, String)>,
+) -> Response {
     let v = match parse_version(&version) {
         Ok(v) => v,
         Err(r) => return r,
     };
     match app.store.version(&subject, v).await {
-        Ok(Some(v)) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], v.schema_text).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, 40402, format!("Version {version} not found.")),
+        Ok(Some(v)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, CONTENT_TYPE)],
+            v.schema_text,
+        )
+            .into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            40402,
+            format!("Version {version} not found."),
+        ),
         Err(e) => store_error(e),
     }
 }
 
-async fn schema_by_id(State(app): State<Arc<App>>, Path(id): Path<i32>, Query(_q): Query<HashMap<String, String>>) -> Response {
+async fn schema_by_id(
+    State(app): State<Arc<App>>,
+    Path(id): Path<i32>,
+    Query(_q): Query<HashMap<String, String>>,
+) -> Response {
     match app.store.schema_by_id(id).await {
         Ok(Some(text)) => reply(StatusCode::OK, json!({ "schema": text })),
         Ok(None) => error(StatusCode::NOT_FOUND, 40403, "Schema not found"),
@@ -223,7 +317,9 @@ async fn schema_by_id(State(app): State<Arc<App>>, Path(id): Path<i32>, Query(_q
 
 async fn raw_schema_by_id(State(app): State<Arc<App>>, Path(id): Path<i32>) -> Response {
     match app.store.schema_by_id(id).await {
-        Ok(Some(text)) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Ok(Some(text)) => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, 40403, "Schema not found"),
         Err(e) => store_error(e),
     }
@@ -234,13 +330,22 @@ async fn uses_of(State(app): State<Arc<App>>, Path(id): Path<i32>) -> Response {
         Ok(uses) if uses.is_empty() => error(StatusCode::NOT_FOUND, 40403, "Schema not found"),
         Ok(uses) => reply(
             StatusCode::OK,
-            json!(uses.into_iter().map(|(s, v)| json!({ "subject": s, "version": v })).collect::<Vec<_>>()),
+            json!(
+                uses.into_iter()
+                    .map(|(s, v)| json!({ "subject": s, "version": v }))
+                    .collect::<Vec<_>>()
+            ),
         ),
         Err(e) => store_error(e),
     }
 }
 
-async fn compatibility(app: &App, subject: &str, against: Option<VersionRef>, body: &Bytes) -> Response {
+async fn compatibility(
+    app: &App,
+    subject: &str,
+    against: Option<VersionRef>,
+    body: &Bytes,
+) -> Response {
     let (_, schema, _) = match parse_body(body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -251,7 +356,10 @@ async fn compatibility(app: &App, subject: &str, against: Option<VersionRef>, bo
     };
     let existing: Vec<Schema> = match against {
         Some(v) => match app.store.version(subject, v).await {
-            Ok(Some(row)) => Schema::parse_str(&row.schema_text).ok().into_iter().collect(),
+            Ok(Some(row)) => Schema::parse_str(&row.schema_text)
+                .ok()
+                .into_iter()
+                .collect(),
             Ok(None) => return error(StatusCode::NOT_FOUND, 40402, "Version not found."),
             Err(e) => return store_error(e),
         },
@@ -273,15 +381,26 @@ async fn compatibility(app: &App, subject: &str, against: Option<VersionRef>, bo
     };
     match compat::check(level, &schema, &existing) {
         Ok(()) => reply(StatusCode::OK, json!({ "is_compatible": true })),
-        Err(messages) => reply(StatusCode::OK, json!({ "is_compatible": false, "messages": messages })),
+        Err(messages) => reply(
+            StatusCode::OK,
+            json!({ "is_compatible": false, "messages": messages }),
+        ),
     }
 }
 
-async fn compatible_all(State(app): State<Arc<App>>, Path(subject): Path<String>, body: Bytes) -> Response {
+async fn compatible_all(
+    State(app): State<Arc<App>>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Response {
     compatibility(&app, &subject, None, &body).await
 }
 
-async fn compatible_with(State(app): State<Arc<App>>, Path((subject, version)): Path<(String, String)>, body: Bytes) -> Response {
+async fn compatible_with(
+    State(app): State<Arc<App>>,
+    Path((subject, version)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
     match parse_version(&version) {
         Ok(v) => compatibility(&app, &subject, Some(v), &body).await,
         Err(r) => r,
@@ -296,8 +415,15 @@ struct ConfigBody {
 async fn show_config(app: &App, subject: Option<&str>) -> Response {
     match app.store.config(subject).await {
         Ok(Some(level)) => reply(StatusCode::OK, json!({ "compatibilityLevel": level })),
-        Ok(None) if subject.is_none() => reply(StatusCode::OK, json!({ "compatibilityLevel": Level::DEFAULT.to_string() })),
-        Ok(None) => error(StatusCode::NOT_FOUND, 40408, "Subject does not have subject-level compatibility configured"),
+        Ok(None) if subject.is_none() => reply(
+            StatusCode::OK,
+            json!({ "compatibilityLevel": Level::DEFAULT.to_string() }),
+        ),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            40408,
+            "Subject does not have subject-level compatibility configured",
+        ),
         Err(e) => store_error(e),
     }
 }
@@ -305,14 +431,23 @@ async fn show_config(app: &App, subject: Option<&str>) -> Response {
 async fn put_config(app: &App, subject: Option<&str>, body: &Bytes) -> Response {
     let parsed: ConfigBody = match serde_json::from_slice(body) {
         Ok(p) => p,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, 42203, format!("Invalid compatibility body: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                42203,
+                format!("Invalid compatibility body: {e}"),
+            );
+        }
     };
     let level: Level = match parsed.compatibility.parse() {
         Ok(l) => l,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, 42203, e),
     };
     match app.store.set_config(subject, &level.to_string()).await {
-        Ok(()) => reply(StatusCode::OK, json!({ "compatibility": level.to_string() })),
+        Ok(()) => reply(
+            StatusCode::OK,
+            json!({ "compatibility": level.to_string() }),
+        ),
         Err(e) => store_error(e),
     }
 }
@@ -329,14 +464,28 @@ async fn subject_config(State(app): State<Arc<App>>, Path(subject): Path<String>
     show_config(&app, Some(&subject)).await
 }
 
-async fn set_subject_config(State(app): State<Arc<App>>, Path(subject): Path<String>, body: Bytes) -> Response {
+async fn set_subject_config(
+    State(app): State<Arc<App>>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Response {
     put_config(&app, Some(&subject), &body).await
 }
 
-async fn delete_subject_config(State(app): State<Arc<App>>, Path(subject): Path<String>) -> Response {
+async fn delete_subject_config(
+    State(app): State<Arc<App>>,
+    Path(subject): Path<String>,
+) -> Response {
     match app.store.delete_config(&subject).await {
-        Ok(true) => reply(StatusCode::OK, json!({ "compatibilityLevel": Level::DEFAULT.to_string() })),
-        Ok(false) => error(StatusCode::NOT_FOUND, 40401, format!("Subject '{subject}' not found.")),
+        Ok(true) => reply(
+            StatusCode::OK,
+            json!({ "compatibilityLevel": Level::DEFAULT.to_string() }),
+        ),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            40401,
+            format!("Subject '{subject}' not found."),
+        ),
         Err(e) => store_error(e),
     }
 }

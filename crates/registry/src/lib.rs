@@ -25,7 +25,11 @@ pub struct RegistryConfig {
     #[arg(long, env = "REGISTRY_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
     /// PostgreSQL connection string.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://billing:billing@127.0.0.1:5432/billing")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://billing:billing@127.0.0.1:5432/billing"
+    )]
     pub database_url: String,
     /// PostgreSQL schema holding the registry's tables.
     #[arg(long, env = "REGISTRY_DB_SCHEMA", default_value = "schema_registry")]
@@ -40,7 +44,10 @@ pub enum RegistryError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -56,8 +63,16 @@ pub async fn run(
     let store = store::Store::open(pool, &config.db_schema).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| RegistryError::Listen { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| RegistryError::Listen { addr: config.listen, source })?;
+        .map_err(|source| RegistryError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| RegistryError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     tracing::info!(%addr, db_schema = %config.db_schema, "schema registry listening");
     if let Some(tx) = ready {
         let _ = tx.send(addr);

@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Confluent-compatible schema registry backed by PostgreSQL")]
+#[command(
+    version,
+    about = "Confluent-compatible schema registry backed by PostgreSQL"
+)]
 struct Cli {
     #[command(flatten)]
     config: billing_registry::RegistryConfig,

@@ -78,7 +78,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("db_schema", &self.db_schema).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("db_schema", &self.db_schema)
+            .finish_non_exhaustive()
     }
 }
 
@@ -93,10 +95,19 @@ impl Store {
     /// Opens the store and creates its tables if missing. `db_schema` must be a plain
     /// identifier (checked).
     pub async fn open(pool: PgPool, db_schema: &str) -> Result<Self, StoreError> {
-        if db_schema.is_empty() || !db_schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(StoreError::Pool(format!("invalid schema name {db_schema:?}")));
+        if db_schema.is_empty()
+            || !db_schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(StoreError::Pool(format!(
+                "invalid schema name {db_schema:?}"
+            )));
         }
-        let store = Store { pool, db_schema: db_schema.to_string() };
+        let store = Store {
+            pool,
+            db_schema: db_schema.to_string(),
+        };
         let s = &store.db_schema;
         let ddl = format!(
             "create schema if not exists {s};
@@ -119,12 +130,21 @@ impl Store {
         let mut conn = store.conn().await?;
         // Two registries starting at once on an empty database race on `create ... if not
         // exists`; the advisory lock makes the DDL one at a time.
-        conn.batch_execute(&format!("begin; select pg_advisory_xact_lock(8081); {ddl} commit;")).await?;
+        conn.batch_execute(&format!(
+            "begin; select pg_advisory_xact_lock(8081); {ddl} commit;"
+        ))
+        .await?;
         Ok(store)
     }
 
-    async fn conn(&self) -> Result<diesel_async::pooled_connection::deadpool::Object<AsyncPgConnection>, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::Pool(e.to_string()))
+    async fn conn(
+        &self,
+    ) -> Result<diesel_async::pooled_connection::deadpool::Object<AsyncPgConnection>, StoreError>
+    {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Pool(e.to_string()))
     }
 
     /// Subjects with at least one live version.
@@ -151,7 +171,11 @@ impl Store {
     }
 
     /// One version of a subject.
-    pub async fn version(&self, subject: &str, v: VersionRef) -> Result<Option<VersionRow>, StoreError> {
+    pub async fn version(
+        &self,
+        subject: &str,
+        v: VersionRef,
+    ) -> Result<Option<VersionRow>, StoreError> {
         let s = &self.db_schema;
         let sql = format!(
             "select v.subject, v.version, v.schema_id, s.schema_text from {s}.versions v
@@ -175,11 +199,12 @@ impl Store {
     /// records still need it).
     pub async fn schema_by_id(&self, id: i32) -> Result<Option<String>, StoreError> {
         let s = &self.db_schema;
-        let mut rows: Vec<TextRow> =
-            diesel::sql_query(format!("select schema_text as value from {s}.schemas where id = $1"))
-                .bind::<Int4, _>(id)
-                .load(&mut self.conn().await?)
-                .await?;
+        let mut rows: Vec<TextRow> = diesel::sql_query(format!(
+            "select schema_text as value from {s}.schemas where id = $1"
+        ))
+        .bind::<Int4, _>(id)
+        .load(&mut self.conn().await?)
+        .await?;
         Ok(rows.pop().map(|r| r.value))
     }
 
@@ -196,7 +221,11 @@ impl Store {
     }
 
     /// The version of `subject` whose schema has this canonical form.
-    pub async fn lookup(&self, subject: &str, canonical: &str) -> Result<Option<VersionRow>, StoreError> {
+    pub async fn lookup(
+        &self,
+        subject: &str,
+        canonical: &str,
+    ) -> Result<Option<VersionRow>, StoreError> {
         let s = &self.db_schema;
         let mut rows: Vec<VersionRow> = diesel::sql_query(format!(
             "select v.subject, v.version, v.schema_id, s.schema_text from {s}.versions v
@@ -214,11 +243,12 @@ impl Store {
     /// The compatibility level set for `subject` (or globally, for `None`), if any.
     pub async fn config(&self, subject: Option<&str>) -> Result<Option<String>, StoreError> {
         let s = &self.db_schema;
-        let mut rows: Vec<TextRow> =
-            diesel::sql_query(format!("select compatibility as value from {s}.config where subject = $1"))
-                .bind::<Text, _>(subject.unwrap_or(""))
-                .load(&mut self.conn().await?)
-                .await?;
+        let mut rows: Vec<TextRow> = diesel::sql_query(format!(
+            "select compatibility as value from {s}.config where subject = $1"
+        ))
+        .bind::<Text, _>(subject.unwrap_or(""))
+        .load(&mut self.conn().await?)
+        .await?;
         Ok(rows.pop().map(|r| r.value))
     }
 
@@ -259,7 +289,11 @@ impl Store {
         F: FnOnce(&[String]) -> Result<(), String> + Send,
     {
         let s = self.db_schema.clone();
-        let (subject, schema_text, canonical) = (subject.to_string(), schema_text.to_string(), canonical.to_string());
+        let (subject, schema_text, canonical) = (
+            subject.to_string(),
+            schema_text.to_string(),
+            canonical.to_string(),
+        );
         let mut conn = self.conn().await?;
         let conn: &mut AsyncPgConnection = &mut conn;
         let result = conn
@@ -323,15 +357,25 @@ impl Store {
 
     /// Deletes a subject: soft (hidden, ids still resolve) or permanent (after a soft delete).
     /// Returns the versions deleted.
-    pub async fn delete_subject(&self, subject: &str, permanent: bool) -> Result<Vec<i32>, StoreError> {
+    pub async fn delete_subject(
+        &self,
+        subject: &str,
+        permanent: bool,
+    ) -> Result<Vec<i32>, StoreError> {
         let s = &self.db_schema;
         let sql = if permanent {
-            format!("delete from {s}.versions where subject = $1 and deleted returning version as value")
+            format!(
+                "delete from {s}.versions where subject = $1 and deleted returning version as value"
+            )
         } else {
-            format!("update {s}.versions set deleted = true where subject = $1 and not deleted returning version as value")
+            format!(
+                "update {s}.versions set deleted = true where subject = $1 and not deleted returning version as value"
+            )
         };
-        let rows: Vec<IntRow> =
-            diesel::sql_query(sql).bind::<Text, _>(subject).load(&mut self.conn().await?).await?;
+        let rows: Vec<IntRow> = diesel::sql_query(sql)
+            .bind::<Text, _>(subject)
+            .load(&mut self.conn().await?)
+            .await?;
         Ok(rows.into_iter().map(|r| r.value).collect())
     }
 

@@ -17,9 +17,15 @@ pub enum AdminError {
     #[error("kafka admin: {0}")]
     Kafka(#[from] KafkaError),
     #[error("cannot create topic {topic}: {code}")]
-    Create { topic: String, code: RDKafkaErrorCode },
+    Create {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("cannot delete topic {topic}: {code}")]
-    Delete { topic: String, code: RDKafkaErrorCode },
+    Delete {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 fn admin(settings: &KafkaSettings) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
@@ -33,7 +39,10 @@ fn options() -> AdminOptions {
 }
 
 /// Creates every catalogue topic that does not exist yet (idempotent). Returns the names.
-pub async fn ensure_topics(settings: &KafkaSettings, catalogue: &Catalogue) -> Result<Vec<String>, AdminError> {
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    catalogue: &Catalogue,
+) -> Result<Vec<String>, AdminError> {
     ensure(settings, catalogue, &billing_schema::catalogue::ALL).await
 }
 

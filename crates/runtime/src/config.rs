@@ -11,13 +11,21 @@ use rdkafka::ClientConfig;
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     /// PostgreSQL connection string.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://billing:billing@127.0.0.1:5432/billing")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://billing:billing@127.0.0.1:5432/billing"
+    )]
     pub database_url: String,
     /// Kafka bootstrap servers, comma-separated.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
     /// Confluent-compatible schema registry base URL.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
     pub schema_registry_url: String,
     /// Business time zone: delivery days, quiet hours and billing months are read in it.
     #[arg(long, env = "BILLING_TZ", default_value = "Asia/Seoul")]
@@ -35,7 +43,9 @@ pub struct CommonArgs {
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected key=value, got {s:?}"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))?;
     if k.trim().is_empty() {
         return Err(format!("empty property name in {s:?}"));
     }
@@ -45,7 +55,10 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
 impl CommonArgs {
     /// The Kafka part of the configuration.
     pub fn kafka(&self) -> KafkaSettings {
-        KafkaSettings { brokers: self.kafka_brokers.clone(), properties: self.kafka_properties.clone() }
+        KafkaSettings {
+            brokers: self.kafka_brokers.clone(),
+            properties: self.kafka_properties.clone(),
+        }
     }
 
     /// The topic catalogue as this environment names it.
@@ -65,7 +78,10 @@ pub struct KafkaSettings {
 impl KafkaSettings {
     /// Settings for brokers at `brokers` with no extra properties.
     pub fn new(brokers: impl Into<String>) -> Self {
-        KafkaSettings { brokers: brokers.into(), properties: vec![] }
+        KafkaSettings {
+            brokers: brokers.into(),
+            properties: vec![],
+        }
     }
 
     fn base(&self) -> ClientConfig {
@@ -126,7 +142,10 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(10) }
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
     }
 }
 
@@ -172,7 +191,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let b = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(5) };
+        let b = Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(5),
+        };
         let d: Vec<_> = (0..5).map(|a| b.delay(a).as_secs()).collect();
         assert_eq!(d, vec![1, 2, 4, 5, 5]);
     }

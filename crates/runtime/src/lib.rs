@@ -23,6 +23,8 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use config::{CommonArgs, KafkaSettings};
-pub use consumer::{HandleError, Handler, Incoming, LoopConfig, LoopSummary, StopReason, run_consumer};
+pub use consumer::{
+    HandleError, Handler, Incoming, LoopConfig, LoopSummary, StopReason, run_consumer,
+};
 pub use producer::{ProduceError, Producer};
 pub use quarantine::Quarantine;

@@ -62,7 +62,9 @@ pub struct Pending {
 
 impl std::fmt::Debug for Pending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("topic", &self.topic).finish_non_exhaustive()
+        f.debug_struct("Pending")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,8 +72,14 @@ impl Pending {
     /// Waits for the broker's acknowledgement.
     pub async fn wait(self) -> Result<Delivered, ProduceError> {
         match self.future.await {
-            Ok(Ok(d)) => Ok(Delivered { partition: d.partition, offset: d.offset }),
-            Ok(Err((source, _))) => Err(ProduceError::Delivery { topic: self.topic, source }),
+            Ok(Ok(d)) => Ok(Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Err((source, _))) => Err(ProduceError::Delivery {
+                topic: self.topic,
+                source,
+            }),
             Err(_) => Err(ProduceError::Cancelled { topic: self.topic }),
         }
     }
@@ -80,7 +88,10 @@ impl Pending {
 impl Producer {
     /// A producer for the given brokers.
     pub fn new(settings: &KafkaSettings) -> Result<Self, ProduceError> {
-        let inner = settings.producer_config().create().map_err(ProduceError::Create)?;
+        let inner = settings
+            .producer_config()
+            .create()
+            .map_err(ProduceError::Create)?;
         Ok(Producer { inner })
     }
 
@@ -107,13 +118,23 @@ impl Producer {
                 record = record.headers(h);
             }
             match self.inner.send_result(record) {
-                Ok(future) => return Ok(Pending { topic: topic.to_string(), future }),
+                Ok(future) => {
+                    return Ok(Pending {
+                        topic: topic.to_string(),
+                        future,
+                    });
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rejected)) => {
                     headers = rejected.headers;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(100));
                 }
-                Err((source, _)) => return Err(ProduceError::Delivery { topic: topic.to_string(), source }),
+                Err((source, _)) => {
+                    return Err(ProduceError::Delivery {
+                        topic: topic.to_string(),
+                        source,
+                    });
+                }
             }
         }
     }
@@ -126,7 +147,10 @@ impl Producer {
         payload: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
     ) -> Result<Delivered, ProduceError> {
-        self.enqueue(topic, key, payload, headers).await?.wait().await
+        self.enqueue(topic, key, payload, headers)
+            .await?
+            .wait()
+            .await
     }
 
     /// Waits until everything enqueued is acknowledged (or `timeout` passes).

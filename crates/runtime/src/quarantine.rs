@@ -38,8 +38,18 @@ pub struct Quarantine {
 
 impl Quarantine {
     /// Dead letters of `stage` go to `topic`, framed by `encoder`.
-    pub fn new(producer: Producer, topic: String, stage: impl Into<String>, encoder: Arc<Encoder<DeadLetter>>) -> Self {
-        Quarantine { producer, topic, stage: stage.into(), encoder }
+    pub fn new(
+        producer: Producer,
+        topic: String,
+        stage: impl Into<String>,
+        encoder: Arc<Encoder<DeadLetter>>,
+    ) -> Self {
+        Quarantine {
+            producer,
+            topic,
+            stage: stage.into(),
+            encoder,
+        }
     }
 
     /// The stage name recorded on every dead letter.
@@ -68,17 +78,40 @@ impl Quarantine {
             attempts,
             occurred_at: now_ms,
         };
-        let value = self.encoder.encode(&letter).map_err(|e| ProduceError::Encode(e.to_string()))?;
+        let value = self
+            .encoder
+            .encode(&letter)
+            .map_err(|e| ProduceError::Encode(e.to_string()))?;
         let partition = origin.partition.to_string();
         let offset = origin.offset.to_string();
         let hdrs = OwnedHeaders::new()
-            .insert(Header { key: headers::REASON, value: Some(reason) })
-            .insert(Header { key: headers::STAGE, value: Some(self.stage.as_str()) })
-            .insert(Header { key: headers::SOURCE_TOPIC, value: Some(origin.topic.as_str()) })
-            .insert(Header { key: headers::SOURCE_PARTITION, value: Some(partition.as_str()) })
-            .insert(Header { key: headers::SOURCE_OFFSET, value: Some(offset.as_str()) });
+            .insert(Header {
+                key: headers::REASON,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: headers::STAGE,
+                value: Some(self.stage.as_str()),
+            })
+            .insert(Header {
+                key: headers::SOURCE_TOPIC,
+                value: Some(origin.topic.as_str()),
+            })
+            .insert(Header {
+                key: headers::SOURCE_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: headers::SOURCE_OFFSET,
+                value: Some(offset.as_str()),
+            });
         self.producer
-            .send(&self.topic, Some(origin.topic.as_bytes()), Some(&value), Some(hdrs))
+            .send(
+                &self.topic,
+                Some(origin.topic.as_bytes()),
+                Some(&value),
+                Some(hdrs),
+            )
             .await?;
         tracing::warn!(stage = %self.stage, topic = %origin.topic, partition = origin.partition, offset = origin.offset, reason, "record quarantined");
         Ok(())

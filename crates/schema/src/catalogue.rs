@@ -6,7 +6,9 @@
 
 use std::marker::PhantomData;
 
-use crate::types::{AvroRecord, Bill, DeadLetter, EmailRequest, Member, Product, SmsRequest, UsageRecord};
+use crate::types::{
+    AvroRecord, Bill, DeadLetter, EmailRequest, Member, Product, SmsRequest, UsageRecord,
+};
 
 /// How a record key is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,18 +78,35 @@ impl<V: AvroRecord> Topic<V> {
         record: &'static str,
     ) -> Self {
         Topic {
-            spec: TopicSpec { name, key, cleanup, partitioning, record, schema_json: V::SCHEMA_JSON },
+            spec: TopicSpec {
+                name,
+                key,
+                cleanup,
+                partitioning,
+                record,
+                schema_json: V::SCHEMA_JSON,
+            },
             _value: PhantomData,
         }
     }
 }
 
 /// Members changelog (compacted): contact details, preferences, subscriptions.
-pub const MEMBERS: Topic<Member> =
-    Topic::new("members", KeyFormat::MemberId, Cleanup::Compact, Partitioning::Shared, "kr.billing.Member");
+pub const MEMBERS: Topic<Member> = Topic::new(
+    "members",
+    KeyFormat::MemberId,
+    Cleanup::Compact,
+    Partitioning::Shared,
+    "kr.billing.Member",
+);
 /// Product catalogue changelog (compacted, one partition: every reader needs all of it).
-pub const PRODUCTS: Topic<Product> =
-    Topic::new("products", KeyFormat::ProductId, Cleanup::Compact, Partitioning::Single, "kr.billing.Product");
+pub const PRODUCTS: Topic<Product> = Topic::new(
+    "products",
+    KeyFormat::ProductId,
+    Cleanup::Compact,
+    Partitioning::Single,
+    "kr.billing.Product",
+);
 /// Metered usage, co-partitioned with members.
 pub const USAGE_RECORDS: Topic<UsageRecord> = Topic::new(
     "usage-records",
@@ -97,8 +116,13 @@ pub const USAGE_RECORDS: Topic<UsageRecord> = Topic::new(
     "kr.billing.UsageRecord",
 );
 /// Settled bills with their items.
-pub const BILLS: Topic<Bill> =
-    Topic::new("bills", KeyFormat::MemberId, Cleanup::Delete, Partitioning::Shared, "kr.billing.Bill");
+pub const BILLS: Topic<Bill> = Topic::new(
+    "bills",
+    KeyFormat::MemberId,
+    Cleanup::Delete,
+    Partitioning::Shared,
+    "kr.billing.Bill",
+);
 /// Requests to deliver a bill by email.
 pub const EMAIL_REQUESTS: Topic<EmailRequest> = Topic::new(
     "email-requests",
@@ -147,7 +171,10 @@ pub struct Catalogue {
 impl Catalogue {
     /// A catalogue with the given prefix and shared partition count.
     pub fn new(prefix: impl Into<String>, partitions: i32) -> Self {
-        Catalogue { prefix: prefix.into(), partitions }
+        Catalogue {
+            prefix: prefix.into(),
+            partitions,
+        }
     }
 
     /// The full topic name.
@@ -182,7 +209,11 @@ mod tests {
     #[test]
     fn names_are_kebab_case_and_unique() {
         let mut names: Vec<_> = ALL.iter().map(|s| s.name).collect();
-        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '-')));
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        );
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), ALL.len());

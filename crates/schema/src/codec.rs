@@ -14,11 +14,7 @@ use std::{
     time::Duration,
 };
 
-use apache_avro::{
-    Schema,
-    reader::datum::GenericDatumReader,
-    writer::datum::GenericDatumWriter,
-};
+use apache_avro::{Schema, reader::datum::GenericDatumReader, writer::datum::GenericDatumWriter};
 use schema_registry_converter::{
     async_impl::{
         avro::AvroDecoder,
@@ -90,7 +86,9 @@ pub fn encode_datum<T: AvroRecord>(value: &T) -> Result<Vec<u8>, CodecError> {
     let writer = GenericDatumWriter::builder(T::schema())
         .build()
         .map_err(|e| CodecError::Encode(e.to_string()))?;
-    writer.write_ser_to_vec(value).map_err(|e| CodecError::Encode(e.to_string()))
+    writer
+        .write_ser_to_vec(value)
+        .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
 /// Decodes a bare Avro datum written with `writer`, resolved to `T`'s schema.
@@ -104,14 +102,20 @@ fn decode_resolved<T: AvroRecord>(
     reader: &Schema,
     mut body: &[u8],
 ) -> Result<T, CodecError> {
-    let malformed = |e: apache_avro::Error| CodecError::Malformed { id, reason: e.to_string() };
+    let malformed = |e: apache_avro::Error| CodecError::Malformed {
+        id,
+        reason: e.to_string(),
+    };
     let datum_reader = GenericDatumReader::builder(writer)
         .reader_schema(reader)
         .build()
         .map_err(malformed)?;
     let value = datum_reader.read_value(&mut body).map_err(malformed)?;
     if !body.is_empty() {
-        return Err(CodecError::TrailingBytes { id, extra: body.len() });
+        return Err(CodecError::TrailingBytes {
+            id,
+            extra: body.len(),
+        });
     }
     apache_avro::from_value::<T>(&value).map_err(malformed)
 }
@@ -141,7 +145,10 @@ impl Registry {
             .set_timeout(Duration::from_secs(10))
             .build()
             .map_err(registry_error)?;
-        Ok(Registry { lookups: Arc::new(AvroDecoder::new(settings.clone())), settings: Arc::new(settings) })
+        Ok(Registry {
+            lookups: Arc::new(AvroDecoder::new(settings.clone())),
+            settings: Arc::new(settings),
+        })
     }
 
     /// The underlying settings, for schema_registry_converter's other calls.
@@ -156,7 +163,10 @@ impl Registry {
         match post_schema(&self.settings, subject.to_string(), supplied).await {
             Ok(registered) => Ok(registered.id),
             Err(e) if e.retriable => Err(registry_error(e)),
-            Err(e) => Err(CodecError::Rejected { subject: subject.to_string(), reason: e.to_string() }),
+            Err(e) => Err(CodecError::Rejected {
+                subject: subject.to_string(),
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -168,7 +178,10 @@ impl Registry {
                 self.lookups.remove_errors_from_cache();
                 Err(registry_error(e))
             }
-            Err(e) => Err(CodecError::UnknownSchema { id, reason: e.error }),
+            Err(e) => Err(CodecError::UnknownSchema {
+                id,
+                reason: e.error,
+            }),
         }
     }
 }
@@ -182,7 +195,9 @@ pub struct Encoder<V> {
 
 impl<V> fmt::Debug for Encoder<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Encoder").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Encoder")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,7 +213,11 @@ impl<V: AvroRecord> Encoder<V> {
         let writer = GenericDatumWriter::builder(V::schema())
             .build()
             .map_err(|e| CodecError::Encode(e.to_string()))?;
-        Ok(Encoder { id, writer, _value: PhantomData })
+        Ok(Encoder {
+            id,
+            writer,
+            _value: PhantomData,
+        })
     }
 
     /// The registry id every framed value carries.
@@ -209,7 +228,9 @@ impl<V: AvroRecord> Encoder<V> {
     /// Appends the framed value to `buf`.
     pub fn encode_into(&self, value: &V, buf: &mut Vec<u8>) -> Result<(), CodecError> {
         write_header(buf, self.id);
-        self.writer.write_ser(buf, value).map_err(|e| CodecError::Encode(e.to_string()))?;
+        self.writer
+            .write_ser(buf, value)
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
         Ok(())
     }
 
@@ -243,7 +264,11 @@ impl<V> fmt::Debug for Decoder<V> {
 impl<V: AvroRecord> Decoder<V> {
     /// A decoder resolving writer ids through `registry`.
     pub fn new(registry: Registry) -> Self {
-        Decoder { registry, writers: RwLock::new(HashMap::new()), _value: PhantomData }
+        Decoder {
+            registry,
+            writers: RwLock::new(HashMap::new()),
+            _value: PhantomData,
+        }
     }
 
     async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
@@ -274,9 +299,18 @@ mod tests {
 
     #[test]
     fn short_and_misframed_payloads_are_errors() {
-        assert!(matches!(split_frame(&[]), Err(CodecError::TooShort { len: 0 })));
-        assert!(matches!(split_frame(&[0, 0, 0, 1]), Err(CodecError::TooShort { len: 4 })));
-        assert!(matches!(split_frame(&[1, 0, 0, 0, 1]), Err(CodecError::BadMagic(1))));
+        assert!(matches!(
+            split_frame(&[]),
+            Err(CodecError::TooShort { len: 0 })
+        ));
+        assert!(matches!(
+            split_frame(&[0, 0, 0, 1]),
+            Err(CodecError::TooShort { len: 4 })
+        ));
+        assert!(matches!(
+            split_frame(&[1, 0, 0, 0, 1]),
+            Err(CodecError::BadMagic(1))
+        ));
         let (id, body) = split_frame(&[0, 0, 0, 1, 2, 9]).unwrap();
         assert_eq!((id, body), (258, &[9u8][..]));
     }
@@ -295,7 +329,10 @@ mod tests {
         let bytes = enc.encode(&rec).unwrap();
         let (id, body) = split_frame(&bytes).unwrap();
         assert_eq!(id, 0x0102_0304);
-        assert_eq!(decode_datum::<UsageRecord>(UsageRecord::schema(), body).unwrap(), rec);
+        assert_eq!(
+            decode_datum::<UsageRecord>(UsageRecord::schema(), body).unwrap(),
+            rec
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@ macro_rules! avro_record {
                 // build defect, not a runtime condition.
                 #[allow(clippy::expect_used)]
                 SCHEMA.get_or_init(|| {
-                    Schema::parse_str(Self::SCHEMA_JSON).expect(concat!("schemas/", $file, " parses"))
+                    Schema::parse_str(Self::SCHEMA_JSON)
+                        .expect(concat!("schemas/", $file, " parses"))
                 })
             }
         }
@@ -216,7 +217,10 @@ mod tests {
     fn every_schema_parses_and_names_its_record() {
         for (name, json) in all_schemas() {
             let schema = Schema::parse_str(json).unwrap();
-            assert_eq!(schema.name().map(|n| n.fullname(None)), Some(name.to_string()));
+            assert_eq!(
+                schema.name().map(|n| n.fullname(None)),
+                Some(name.to_string())
+            );
         }
     }
 
@@ -246,7 +250,10 @@ mod tests {
             usage_unit: None,
             unit_price: 0,
             per_units: 1,
-            allowances: vec![Allowance { usage_product_id: "usage-data".into(), quantity: -1 }],
+            allowances: vec![Allowance {
+                usage_product_id: "usage-data".into(),
+                quantity: -1,
+            }],
             instalment_months: 0,
             discount_rate_bp: 0,
             discount_cap: 0,

@@ -1,0 +1,276 @@
+//! The consumer loop over the real broker and registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use billing_runtime::{
+    HandleError, Handler, Incoming, LoopConfig, Producer, Quarantine,
+    consumer::{LoopDeps, StopReason, run_consumer},
+    quarantine::headers,
+};
+use billing_schema::{
+    Decoder, Encoder, UsageRecord,
+    catalogue::{DEAD_LETTERS, USAGE_RECORDS},
+};
+use billing_testkit::TestEnv;
+
+fn usage(n: i64, quantity: i64) -> UsageRecord {
+    UsageRecord {
+        usage_id: format!("u{n}"),
+        member_id: 1,
+        product_id: "usage-data".into(),
+        quantity,
+        billing_month: "2026-11".into(),
+        occurred_at: 1_700_000_000_000 + n,
+    }
+}
+
+/// Records what it saw; refuses negative quantities as a final error; optionally slow.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<(i64, String)>>,
+    delay: Duration,
+    started: tokio::sync::Notify,
+}
+
+impl Handler<UsageRecord> for Recorder {
+    async fn handle(&self, r: &Incoming<UsageRecord>) -> Result<(), HandleError> {
+        self.started.notify_one();
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        if r.value.quantity < 0 {
+            return Err(HandleError::Final(format!(
+                "negative quantity {}",
+                r.value.quantity
+            )));
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .push((r.offset, r.value.usage_id.clone()));
+        Ok(())
+    }
+}
+
+async fn deps(
+    env: &TestEnv,
+    handler: Arc<Recorder>,
+    stage: &str,
+) -> LoopDeps<UsageRecord, Recorder> {
+    let producer = Producer::new(&env.kafka()).unwrap();
+    let dlq = Encoder::register(
+        &env.registry,
+        &env.catalogue().value_subject(&DEAD_LETTERS.spec),
+    )
+    .await
+    .unwrap();
+    LoopDeps {
+        kafka: env.kafka(),
+        decoder: Arc::new(Decoder::new(env.registry.clone())),
+        handler,
+        quarantine: Quarantine::new(
+            producer,
+            env.topic(&DEAD_LETTERS.spec),
+            stage,
+            Arc::new(dlq),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_are_quarantined_and_the_loop_goes_on() {
+    // Given a partition holding good records, a short payload, an unknown schema id and a
+    // record the handler refuses
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let enc = Encoder::<UsageRecord>::register(
+        &env.registry,
+        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(&env.kafka()).unwrap();
+    let payloads: Vec<Vec<u8>> = vec![
+        enc.encode(&usage(0, 10)).unwrap(),
+        vec![0, 0, 1],
+        vec![0, 0x7f, 0xff, 0xff, 0xfe, 2, 4],
+        enc.encode(&usage(3, -5)).unwrap(),
+        enc.encode(&usage(4, 20)).unwrap(),
+    ];
+    for p in &payloads {
+        producer
+            .send(&topic, Some(b"1"), Some(p), None)
+            .await
+            .unwrap();
+    }
+
+    // When the loop runs over it in bounded mode
+    let handler = Arc::new(Recorder::default());
+    let mut config = LoopConfig::new(env.group("loop"), vec![topic.clone()]);
+    config.bounded = true;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_consumer(
+            config,
+            deps(&env, handler.clone(), "test-stage").await,
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("bounded loop ends by itself")
+    .unwrap();
+
+    // Then the good records were handled, the three bad ones quarantined with reasons, and
+    // the offset moved past all of them
+    assert_eq!(summary.stopped_by, StopReason::EndOfInput);
+    assert_eq!(
+        (summary.processed, summary.quarantined, summary.abandoned),
+        (2, 3, 0)
+    );
+    assert_eq!(
+        *handler.seen.lock().unwrap(),
+        vec![(0, "u0".to_string()), (4, "u4".to_string())]
+    );
+    let dead = env
+        .read(&env.topic(&DEAD_LETTERS.spec), 3, Duration::from_secs(20))
+        .await;
+    assert_eq!(dead.len(), 3);
+    let mut by_offset: Vec<_> = dead
+        .iter()
+        .map(|d| {
+            (
+                d.headers[headers::SOURCE_OFFSET].parse::<i64>().unwrap(),
+                d.headers[headers::REASON].clone(),
+                d,
+            )
+        })
+        .collect();
+    by_offset.sort_by_key(|x| x.0);
+    assert_eq!(
+        by_offset.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        by_offset[0].1.contains("shorter than"),
+        "{}",
+        by_offset[0].1
+    );
+    assert!(
+        by_offset[1].1.contains("not known to the registry"),
+        "{}",
+        by_offset[1].1
+    );
+    assert_eq!(by_offset[2].1, "negative quantity -5");
+    for (offset, _, d) in &by_offset {
+        assert_eq!(d.headers[headers::SOURCE_TOPIC], topic);
+        assert_eq!(d.headers[headers::STAGE], "test-stage");
+        // The dead letter carries the original bytes.
+        let letter: billing_schema::DeadLetter = Decoder::new(env.registry.clone())
+            .decode(d.payload.as_deref())
+            .await
+            .unwrap();
+        assert_eq!(
+            letter.payload.as_deref(),
+            Some(payloads[usize::try_from(*offset).unwrap()].as_slice())
+        );
+        assert_eq!(letter.source_offset, *offset);
+    }
+    assert_eq!(
+        env.committed(&env.group("loop"), &topic).await.get(&0),
+        Some(&5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_cleanly_on_shutdown_and_resumes_without_loss_or_repeat() {
+    // Given 40 records on one partition and a slow handler
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let enc = Encoder::<UsageRecord>::register(
+        &env.registry,
+        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(&env.kafka()).unwrap();
+    for n in 0..40 {
+        producer
+            .send(
+                &topic,
+                Some(b"1"),
+                Some(&enc.encode(&usage(n, 1)).unwrap()),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let slow = Arc::new(Recorder {
+        delay: Duration::from_millis(150),
+        ..Recorder::default()
+    });
+    let mut config = LoopConfig::new(env.group("drain"), vec![topic.clone()]);
+    config.max_in_flight = 8;
+
+    // When shutdown is requested while records are in flight
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(run_consumer(
+        config.clone(),
+        deps(&env, slow.clone(), "drain").await,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    slow.started.notified().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_tx.send(()).unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // Then everything begun was finished and committed, contiguously
+    assert_eq!(first.stopped_by, StopReason::Shutdown);
+    assert_eq!(first.abandoned, 0);
+    assert!(
+        first.processed > 0 && first.processed < 40,
+        "processed {}",
+        first.processed
+    );
+    let first_seen: Vec<i64> = slow.seen.lock().unwrap().iter().map(|s| s.0).collect();
+    let mut sorted = first_seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..i64::try_from(first.processed).unwrap()).collect::<Vec<_>>()
+    );
+    let committed = env.committed(&env.group("drain"), &topic).await;
+    assert_eq!(
+        committed.get(&0),
+        Some(&i64::try_from(first.processed).unwrap())
+    );
+
+    // And a second run picks up exactly where the first stopped
+    let fast = Arc::new(Recorder::default());
+    config.bounded = true;
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_consumer(
+            config,
+            deps(&env, fast.clone(), "drain").await,
+            std::future::pending(),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first.processed + second.processed, 40);
+    let mut all: Vec<i64> = first_seen;
+    all.extend(fast.seen.lock().unwrap().iter().map(|s| s.0));
+    all.sort_unstable();
+    assert_eq!(all, (0..40).collect::<Vec<_>>());
+}
