@@ -10,5 +10,6 @@
 pub mod generator;
 pub mod month;
 pub mod products;
+pub mod rules;
 
 pub use month::{BillingMonth, MonthError};
