@@ -61,6 +61,15 @@ impl BillingMonth {
         }
     }
 
+    /// The preceding month.
+    pub fn previous(self) -> BillingMonth {
+        if self.month == 1 {
+            BillingMonth { year: self.year - 1, month: 12 }
+        } else {
+            BillingMonth { year: self.year, month: self.month - 1 }
+        }
+    }
+
     /// Number of days in the month.
     pub fn days(self) -> u32 {
         let next = self.next().first_day();

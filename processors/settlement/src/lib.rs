@@ -1,0 +1,559 @@
+//! Settlement: the month's bills from the member, product and usage changelogs.
+//!
+//! Consumes `members` and `usage-records` (co-partitioned by member id) and `products` (one
+//! partition, read whole by every instance); produces one `Bill` per member to `bills`, keyed
+//! by member id, and quarantines bad input to `dead-letters`.
+//!
+//! How a run works, like a Kafka Streams task per partition over a bounded input:
+//! - At start it captures the end offsets of its inputs: the run settles exactly that
+//!   snapshot, and stops when it is consumed.
+//! - Instances of one run share the group `settlement.<month>.<run id>`, subscribed to
+//!   `members` only to split the partitions; those partitions stay paused there.
+//! - For each partition p it owns, a task reads `members[p]` to its end, then
+//!   `usage-records[p]` to its end, aggregating the month's usage per member, computes every
+//!   member's bill (billing_domain::rules) and produces it. Once every bill of p is
+//!   acknowledged, it commits `members[p]` at its end offset: the partition is done.
+//! - The run ends when every partition is done, whichever instance did it.
+//!
+//! Guarantees: bills are a pure function of the snapshot, and their ids come from (member,
+//! month), so a second run, a replay or a restart after a crash produces the same bills
+//! again; the bill sink's uniqueness makes them land once. Every run uses a fresh group and
+//! reads from the beginning (crash recovery is "run again"). Usage of other months is
+//! skipped and counted; usage for an unknown member or product, a non-positive or absurd
+//! quantity, or a record that does not decode is quarantined with the reason and counted,
+//! and the rest of the month still settles.
+//!
+//! Run: `settlement --month 2026-11` (once), or `settlement` (every month on
+//! `--schedule-day`/`--schedule-time` in BILLING_TZ), or `billing settle --month 2026-11`.
+
+pub mod schedule;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use billing_domain::{
+    BillingMonth,
+    rules::{self, compute_bill, validate_usage},
+};
+use billing_runtime::{
+    CommonArgs, Producer, ProduceError, Quarantine,
+    consumer::end_offsets,
+    producer::Pending,
+    quarantine::Origin,
+};
+use billing_schema::{
+    Bill, CodecError, DeadLetter, Decoder, Encoder, Member, Product, Registry, UsageRecord,
+    catalogue::{BILLS, DEAD_LETTERS, MEMBERS, PRODUCTS, USAGE_RECORDS},
+};
+use chrono::NaiveTime;
+use rdkafka::{
+    Message, Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    error::KafkaError,
+};
+use tokio::{sync::Semaphore, task::JoinSet};
+use tracing::{info, warn};
+
+/// The processor's name: its stage on dead letters and the root of its group ids.
+pub const NAME: &str = "settlement";
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Bills produced before their acknowledgements are awaited.
+const IN_FLIGHT_BILLS: usize = 10_000;
+
+/// Command line of the `settlement` binary.
+#[derive(Debug, clap::Parser)]
+#[command(name = "settlement", version, about = "Settle monthly bills from the changelog topics")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub settle: SettleArgs,
+}
+
+/// Settlement's own settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SettleArgs {
+    /// Settle this month (YYYY-MM) once and exit; without it, run on the schedule.
+    #[arg(long, env = "SETTLEMENT_MONTH")]
+    pub month: Option<BillingMonth>,
+    /// Run id shared by the instances of one run; a new one by default.
+    #[arg(long, env = "SETTLEMENT_RUN_ID")]
+    pub run_id: Option<String>,
+    /// Partitions this instance settles at once.
+    #[arg(long, env = "SETTLEMENT_PARALLELISM", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallelism: u16,
+    /// Scheduled mode: the day of the month to settle the previous month.
+    #[arg(long, env = "SETTLEMENT_DAY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=31))]
+    pub schedule_day: u32,
+    /// Scheduled mode: the local time (BILLING_TZ) of the run.
+    #[arg(long, env = "SETTLEMENT_TIME", default_value = "02:00")]
+    pub schedule_time: NaiveTime,
+}
+
+/// One run's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleConfig {
+    pub month: BillingMonth,
+    pub run_id: String,
+    pub parallelism: usize,
+}
+
+impl SettleConfig {
+    /// A single-instance run of `month` with a fresh run id.
+    pub fn new(month: BillingMonth) -> Self {
+        SettleConfig { month, run_id: uuid::Uuid::new_v4().simple().to_string(), parallelism: 2 }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Partitions this instance settled.
+    pub partitions: usize,
+    pub members: u64,
+    pub usage_records: u64,
+    /// Usage records of other months, skipped.
+    pub other_months: u64,
+    pub bills: u64,
+    /// Records quarantined to the dead-letter topic.
+    pub quarantined: u64,
+    /// Sum of the bills' final amounts, won.
+    pub final_amount: i64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    fn add(&mut self, o: &Summary) {
+        self.partitions += o.partitions;
+        self.members += o.members;
+        self.usage_records += o.usage_records;
+        self.other_months += o.other_months;
+        self.bills += o.bills;
+        self.quarantined += o.quarantined;
+        self.final_amount += o.final_amount;
+    }
+}
+
+/// Settlement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettlementError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Produce(#[from] ProduceError),
+    #[error("partition task failed: {0}")]
+    Task(String),
+    #[error("interrupted before the run completed; run it again (it is idempotent)")]
+    Interrupted,
+}
+
+/// Everything the partition tasks share.
+struct Ctx {
+    common: CommonArgs,
+    month: BillingMonth,
+    group: String,
+    members_topic: String,
+    usage_topic: String,
+    bills_topic: String,
+    products: HashMap<String, Product>,
+    /// (low, high) watermarks of every input partition at start: the snapshot.
+    ends: HashMap<(String, i32), (i64, i64)>,
+    member_decoder: Decoder<Member>,
+    member_encoder: Encoder<Member>,
+    usage_decoder: Decoder<UsageRecord>,
+    bill_encoder: Encoder<Bill>,
+    producer: Producer,
+    quarantine: Quarantine,
+    /// Every bill of the month is stamped with the month's end, so reruns are identical.
+    settled_at: i64,
+}
+
+impl Ctx {
+    fn reader(&self) -> Result<StreamConsumer, KafkaError> {
+        let mut c = self.common.kafka().consumer_config(&format!("{}.reader", self.group));
+        c.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+        c.create()
+    }
+
+    async fn quarantine(&self, origin: Origin, key: Option<&[u8]>, payload: Option<&[u8]>, reason: &str) -> Result<(), SettlementError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.quarantine.send(&origin, key, payload, reason, vec![], now).await?;
+        Ok(())
+    }
+}
+
+/// A reader positioned at the beginning of `topic[partition]`, with the snapshot's end, or
+/// `None` when the partition was empty in the snapshot.
+fn open_snapshot(ctx: &Ctx, topic: &str, partition: i32) -> Result<Option<(StreamConsumer, i64)>, SettlementError> {
+    let (low, end) = ctx.ends.get(&(topic.to_string(), partition)).copied().unwrap_or((0, 0));
+    if end <= low {
+        return Ok(None);
+    }
+    let reader = ctx.reader()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    reader.assign(&tpl)?;
+    Ok(Some((reader, end)))
+}
+
+/// Settles one partition: members, then usage, then bills; returns its summary.
+async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, SettlementError> {
+    let mut s = Summary { partitions: 1, ..Summary::default() };
+    let started = Instant::now();
+
+    // Members as of the snapshot (the changelog's last value per key wins).
+    let mut members: HashMap<i64, (Member, Origin)> = HashMap::new();
+    let mut quarantined = 0u64;
+    if let Some((reader, end)) = open_snapshot(&ctx, &ctx.members_topic, partition)? {
+        loop {
+            let m = reader.recv().await?;
+            let offset = m.offset();
+            if offset >= end {
+                break;
+            }
+            let origin = Origin { topic: ctx.members_topic.clone(), partition, offset };
+            match m.payload() {
+                // A tombstone: the member left.
+                None => {
+                    if let Some(id) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<i64>().ok()) {
+                        members.remove(&id);
+                    }
+                }
+                Some(payload) => match ctx.member_decoder.decode(Some(payload)).await {
+                    Ok(member) => {
+                        members.insert(member.member_id, (member, origin));
+                    }
+                    Err(e) if e.is_retriable() => return Err(e.into()),
+                    Err(e) => {
+                        ctx.quarantine(origin, m.key(), Some(payload), &format!("cannot decode: {e}")).await?;
+                        quarantined += 1;
+                    }
+                },
+            }
+            if offset >= end - 1 {
+                break;
+            }
+        }
+    }
+
+    // The month's usage, summed per member and product, after validation.
+    let product_index: HashMap<&str, u16> = ctx
+        .products
+        .keys()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), u16::try_from(i).unwrap_or(u16::MAX)))
+        .collect();
+    let product_names: Vec<&str> = {
+        let mut v = vec![""; product_index.len()];
+        for (k, i) in &product_index {
+            v[usize::from(*i)] = k;
+        }
+        v
+    };
+    let mut usage: HashMap<i64, Vec<(u16, i64)>> = HashMap::with_capacity(members.len());
+    let month = ctx.month.to_string();
+    if let Some((reader, end)) = open_snapshot(&ctx, &ctx.usage_topic, partition)? {
+        loop {
+            let m = reader.recv().await?;
+            let offset = m.offset();
+            if offset >= end {
+                break;
+            }
+            let origin = Origin { topic: ctx.usage_topic.clone(), partition, offset };
+            s.usage_records += 1;
+            let reason = match ctx.usage_decoder.decode(m.payload()).await {
+                Err(e) if e.is_retriable() => return Err(e.into()),
+                Err(e) => Some(format!("cannot decode: {e}")),
+                Ok(u) if u.billing_month != month => {
+                    s.other_months += 1;
+                    None
+                }
+                Ok(u) => {
+                    if !members.contains_key(&u.member_id) {
+                        Some(format!("usage {} for unknown member {}", u.usage_id, u.member_id))
+                    } else if let Err(e) = validate_usage(&ctx.products, &u.product_id, u.quantity) {
+                        Some(format!("usage {}: {e}", u.usage_id))
+                    } else {
+                        let idx = product_index.get(u.product_id.as_str()).copied().unwrap_or(u16::MAX);
+                        let entry = usage.entry(u.member_id).or_default();
+                        match entry.iter_mut().find(|(i, _)| *i == idx) {
+                            Some((_, q)) => *q = q.saturating_add(u.quantity),
+                            None => entry.push((idx, u.quantity)),
+                        }
+                        None
+                    }
+                }
+            };
+            if let Some(reason) = reason {
+                ctx.quarantine(origin, m.key(), m.payload(), &reason).await?;
+                quarantined += 1;
+            }
+            if offset >= end - 1 {
+                break;
+            }
+        }
+    }
+
+    // One bill per member, in member id order.
+    let mut ids: Vec<i64> = members.keys().copied().collect();
+    ids.sort_unstable();
+    s.members = ids.len() as u64;
+    let mut pending: Vec<Pending> = Vec::with_capacity(IN_FLIGHT_BILLS);
+    let mut buf = Vec::with_capacity(2048);
+    for id in ids {
+        let Some((member, origin)) = members.get(&id) else { continue };
+        let totals: BTreeMap<String, i64> = usage
+            .remove(&id)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(i, q)| product_names.get(usize::from(i)).map(|n| ((*n).to_string(), q)))
+            .collect();
+        match compute_bill(ctx.month, member, &ctx.products, &totals, ctx.settled_at) {
+            Ok(bill) => {
+                buf.clear();
+                ctx.bill_encoder.encode_into(&bill, &mut buf)?;
+                let key = id.to_string();
+                pending.push(ctx.producer.enqueue(&ctx.bills_topic, Some(key.as_bytes()), Some(&buf), None).await?);
+                s.bills += 1;
+                s.final_amount += bill.final_amount;
+                if pending.len() >= IN_FLIGHT_BILLS {
+                    for p in pending.drain(..) {
+                        p.wait().await?;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(member = id, error = %e, "member cannot be billed");
+                // The original bytes are not kept in memory: the member is re-encoded under
+                // the subject's registered schema, which decodes to the same value.
+                let payload = ctx.member_encoder.encode(member).ok();
+                ctx.quarantine(origin.clone(), Some(id.to_string().as_bytes()), payload.as_deref(), &e.to_string()).await?;
+                quarantined += 1;
+            }
+        }
+    }
+    for p in pending.drain(..) {
+        p.wait().await?;
+    }
+    s.quarantined = quarantined;
+    info!(partition, members = s.members, bills = s.bills, usage = s.usage_records, quarantined, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0), "partition settled");
+    Ok(s)
+}
+
+
+/// Reads the whole product catalogue as of now.
+async fn load_products(
+    common: &CommonArgs,
+    group: &str,
+    registry: &Registry,
+    quarantine: &Quarantine,
+) -> Result<HashMap<String, Product>, SettlementError> {
+    let topic = common.catalogue().name(&PRODUCTS.spec);
+    let mut c = common.kafka().consumer_config(&format!("{group}.products"));
+    c.set("enable.auto.commit", "false");
+    let reader: StreamConsumer = c.create()?;
+    let ends = end_offsets(&reader, std::slice::from_ref(&topic))?;
+    let decoder = Decoder::<Product>::new(registry.clone());
+    let mut products = HashMap::new();
+    for ((t, p), (low, end)) in ends {
+        if end <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, p, Offset::Beginning)?;
+        reader.assign(&tpl)?;
+        loop {
+            let m = reader.recv().await?;
+            if m.offset() < end {
+                match (m.payload(), decoder.decode(m.payload()).await) {
+                    (None, _) => {
+                        if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                            products.remove(k);
+                        }
+                    }
+                    (_, Ok(product)) => {
+                        products.insert(product.product_id.clone(), product);
+                    }
+                    (_, Err(e)) if e.is_retriable() => return Err(e.into()),
+                    (Some(payload), Err(e)) => {
+                        let origin = Origin { topic: t.clone(), partition: p, offset: m.offset() };
+                        let now = chrono::Utc::now().timestamp_millis();
+                        quarantine.send(&origin, m.key(), Some(payload), &format!("cannot decode: {e}"), vec![], now).await?;
+                    }
+                }
+            }
+            if m.offset() >= end - 1 {
+                break;
+            }
+        }
+    }
+    Ok(products)
+}
+
+/// Settles `config.month` to completion (this instance's share of it) and returns what it
+/// did. `shutdown` interrupts the run: nothing is lost, the next run redoes it.
+pub async fn run(common: &CommonArgs, config: SettleConfig, shutdown: impl Future<Output = ()>) -> Result<Summary, SettlementError> {
+    let started = Instant::now();
+    let catalogue = common.catalogue();
+    let group = format!("{NAME}.{}.{}", config.month, config.run_id);
+    let registry = Registry::new(&common.schema_registry_url)?;
+    let producer = Producer::new(&common.kafka())?;
+    let dlq = Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec)).await?;
+    let quarantine = Quarantine::new(producer.clone(), catalogue.name(&DEAD_LETTERS.spec), NAME, Arc::new(dlq));
+    let products = load_products(common, &group, &registry, &quarantine).await?;
+    info!(month = %config.month, run_id = %config.run_id, products = products.len(), "settlement started");
+
+    let members_topic = catalogue.name(&MEMBERS.spec);
+    let usage_topic = catalogue.name(&USAGE_RECORDS.spec);
+    let mut gc = common.kafka().consumer_config(&group);
+    gc.set("enable.auto.commit", "false");
+    let coordinator: Arc<StreamConsumer> = Arc::new(gc.create()?);
+    coordinator.subscribe(&[members_topic.as_str()])?;
+    let ends = end_offsets(coordinator.as_ref(), &[members_topic.clone(), usage_topic.clone()])?;
+    let (_, month_end) = config.month.bounds(common.billing_tz);
+    let ctx = Arc::new(Ctx {
+        common: common.clone(),
+        month: config.month,
+        group: group.clone(),
+        bills_topic: catalogue.name(&BILLS.spec),
+        products,
+        member_decoder: Decoder::new(registry.clone()),
+        member_encoder: Encoder::register(&registry, &catalogue.value_subject(&MEMBERS.spec)).await?,
+        usage_decoder: Decoder::new(registry.clone()),
+        bill_encoder: Encoder::register(&registry, &catalogue.value_subject(&BILLS.spec)).await?,
+        producer: producer.clone(),
+        quarantine,
+        settled_at: month_end.timestamp_millis(),
+        members_topic: members_topic.clone(),
+        usage_topic,
+        ends: ends.clone(),
+    });
+    let partitions: Vec<i32> = {
+        let mut v: Vec<i32> = ends.keys().filter(|(t, _)| *t == members_topic).map(|(_, p)| *p).collect();
+        v.sort_unstable();
+        v
+    };
+    let permits = Arc::new(Semaphore::new(config.parallelism.max(1)));
+    let mut tasks: JoinSet<(i32, Result<Summary, SettlementError>)> = JoinSet::new();
+    let mut started_parts: HashSet<i32> = HashSet::new();
+    let mut summary = Summary::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            biased;
+            Some(joined) = tasks.join_next() => {
+                let (p, result) = joined.map_err(|e| SettlementError::Task(e.to_string()))?;
+                let part = result?;
+                summary.add(&part);
+                let end = ends.get(&(members_topic.clone(), p)).map_or(0, |e| e.1);
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&members_topic, p, Offset::Offset(end))?;
+                if let Err(e) = coordinator.commit(&tpl, CommitMode::Sync) {
+                    // Revoked meanwhile: its new owner settles it again, to the same bills.
+                    warn!(partition = p, error = %e, "cannot mark partition done");
+                }
+            }
+            () = &mut shutdown => {
+                tasks.abort_all();
+                return Err(SettlementError::Interrupted);
+            }
+            // Polling drives the group protocol; the partitions themselves stay paused.
+            m = coordinator.recv() => if let Err(e) = m { warn!(error = %e, "coordinator error") },
+            _ = tick.tick() => {
+                if let Ok(assignment) = coordinator.assignment() {
+                    let mut newly = TopicPartitionList::new();
+                    for el in assignment.elements() {
+                        let p = el.partition();
+                        if started_parts.insert(p) {
+                            newly.add_partition(&members_topic, p);
+                            let (ctx, permits) = (ctx.clone(), permits.clone());
+                            tasks.spawn(async move {
+                                let _permit = permits.acquire_owned().await;
+                                (p, settle_partition(ctx, p).await)
+                            });
+                        }
+                    }
+                    if newly.count() > 0 {
+                        let _ = coordinator.pause(&newly);
+                    }
+                }
+                if tasks.is_empty() && all_done(coordinator.as_ref(), &members_topic, &partitions, &ends) {
+                    break;
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).await?;
+    summary.elapsed = started.elapsed();
+    info!(
+        month = %config.month,
+        partitions = summary.partitions,
+        members = summary.members,
+        usage = summary.usage_records,
+        bills = summary.bills,
+        quarantined = summary.quarantined,
+        final_amount = summary.final_amount,
+        elapsed_ms = u64::try_from(summary.elapsed.as_millis()).unwrap_or(0),
+        "settlement complete"
+    );
+    Ok(summary)
+}
+
+/// Whether every partition of the run is done: empty in the snapshot, or committed at its end.
+fn all_done(consumer: &StreamConsumer, topic: &str, partitions: &[i32], ends: &HashMap<(String, i32), (i64, i64)>) -> bool {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let Ok(committed) = consumer.committed_offsets(tpl, TIMEOUT) else { return false };
+    partitions.iter().all(|p| {
+        let (low, end) = ends.get(&(topic.to_string(), *p)).copied().unwrap_or((0, 0));
+        end <= low
+            || committed
+                .find_partition(topic, *p)
+                .is_some_and(|e| matches!(e.offset(), Offset::Offset(o) if o >= end))
+    })
+}
+
+/// The binary's entry: one month (`--month`), or every month on the schedule.
+pub async fn main_loop(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), SettlementError> {
+    let tz = cli.common.billing_tz;
+    let parallelism = usize::from(cli.settle.parallelism);
+    tokio::pin!(shutdown);
+    if let Some(month) = cli.settle.month {
+        let run_id = cli.settle.run_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        run(&cli.common, SettleConfig { month, run_id, parallelism }, &mut shutdown).await?;
+        return Ok(());
+    }
+    loop {
+        let now = chrono::Utc::now();
+        let at = schedule::next_run(now, cli.settle.schedule_day, cli.settle.schedule_time, tz);
+        let month = schedule::month_settled_at(at, tz);
+        info!(next_run = %at, month = %month, "settlement scheduled");
+        let wait = (at - now).to_std().unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = &mut shutdown => return Ok(()),
+        }
+        // The run id is derived from the schedule, so instances started together share it.
+        let run_id = format!("scheduled-{}", at.timestamp());
+        match run(&cli.common, SettleConfig { month, run_id, parallelism }, &mut shutdown).await {
+            Ok(_) => {}
+            Err(SettlementError::Interrupted) => return Ok(()),
+            Err(e) => warn!(month = %month, error = %e, "scheduled settlement failed; the next schedule retries"),
+        }
+    }
+}
+
+/// For tests and the CLI: the rules' bill id.
+pub fn bill_id(month: BillingMonth, member_id: i64) -> i64 {
+    rules::bill_id(month, member_id)
+}
