@@ -1,0 +1,19 @@
+//! `dlq`: records dead letters in PostgreSQL. See the crate docs.
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "dlq", version, about = "Record dead letters in PostgreSQL")]
+struct Cli {
+    #[command(flatten)]
+    common: billing_runtime::CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    billing_runtime::telemetry::init();
+    let cli = Cli::parse();
+    billing_db::migrate(&cli.common.database_url).await?;
+    billing_dlq::run(&cli.common, false, billing_runtime::shutdown::signal()).await?;
+    Ok(())
+}
