@@ -43,6 +43,21 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Settle a month and load its bills into PostgreSQL, to completion.
+    Settle {
+        /// The billing month, YYYY-MM.
+        #[arg(long)]
+        month: BillingMonth,
+    },
+    /// Recompute every bill of a month from its items and the usage; exit 1 on any discrepancy.
+    Reconcile {
+        /// The billing month, YYYY-MM.
+        #[arg(long)]
+        month: BillingMonth,
+        /// Discrepancies printed at most.
+        #[arg(long, default_value_t = 50)]
+        show: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +140,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.elapsed.as_secs_f64(),
                 r.records_per_sec()
             );
+        }
+        Command::Settle { month } => {
+            let r = billing_ops::settle::settle(&common, month).await?;
+            let s = &r.settlement;
+            println!("settled {month} in {:.2} s", s.elapsed.as_secs_f64());
+            println!(
+                "  settlement: {} partitions, {} members, {} usage records ({} of other months), {} bills, {} quarantined",
+                s.partitions, s.members, s.usage_records, s.other_months, s.bills, s.quarantined
+            );
+            println!(
+                "  bill-sink:  {} bills inserted, {} items, {} members upserted, {} quarantined in {:.2} s",
+                r.sink.bills_inserted,
+                r.sink.items_inserted,
+                r.sink.members_upserted,
+                r.sink.quarantined,
+                r.sink.elapsed.as_secs_f64()
+            );
+            println!(
+                "  dlq:        {} dead letters recorded",
+                r.dead_letters.processed
+            );
+            let t = &r.totals;
+            println!(
+                "  database:   {} bills, {} items; total {} won, discount {} won, VAT {} won, final {} won",
+                t.bills, t.items, t.total_amount, t.discount_amount, t.vat_amount, t.final_amount
+            );
+        }
+        Command::Reconcile { month, show } => {
+            let r = billing_ops::reconcile::reconcile(&common, month).await?;
+            println!(
+                "reconciled {month}: {} bills, {} usage items, {} usage records",
+                r.bills, r.usage_items, r.usage_records
+            );
+            for d in r.discrepancies.iter().take(show) {
+                println!("  member {}: {}", d.member_id, d.what);
+            }
+            if !r.discrepancies.is_empty() {
+                anyhow::bail!("{} discrepancies in {month}", r.discrepancies.len());
+            }
+            println!("  no discrepancies");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -64,9 +64,15 @@ impl BillingMonth {
     /// The preceding month.
     pub fn previous(self) -> BillingMonth {
         if self.month == 1 {
-            BillingMonth { year: self.year - 1, month: 12 }
+            BillingMonth {
+                year: self.year - 1,
+                month: 12,
+            }
         } else {
-            BillingMonth { year: self.year, month: self.month - 1 }
+            BillingMonth {
+                year: self.year,
+                month: self.month - 1,
+            }
         }
     }
 

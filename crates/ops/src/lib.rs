@@ -5,9 +5,13 @@
 //! - [`stack`]: the local stack (PostgreSQL, the nisshi Kafka-API broker, the schema
 //!   registry): up (idempotent), down (with purge), status.
 //! - [`seed`]: the generator onto the changelog topics.
+//! - [`settle`]: settlement, the bill sink and the dead-letter recorder for a month, bounded.
+//! - [`reconcile`]: every bill checked against its items, its rules and the usage topic.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
+pub mod reconcile;
 pub mod seed;
+pub mod settle;
 pub mod stack;
 pub mod topics;
 
@@ -26,4 +30,12 @@ pub enum OpsError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0}")]
     Seed(String),
+    #[error(transparent)]
+    Settlement(#[from] billing_settlement::SettlementError),
+    #[error(transparent)]
+    Sink(#[from] billing_bill_sink::SinkError),
+    #[error(transparent)]
+    Dlq(#[from] billing_dlq::DlqError),
+    #[error("database: {0}")]
+    Query(#[from] diesel::result::Error),
 }

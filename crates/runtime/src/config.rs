@@ -87,9 +87,6 @@ impl KafkaSettings {
     fn base(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
-            // Java's default partitioner: keys land where Kafka Streams and other clients
-            // expect them, and every member-keyed topic stays co-partitioned.
-            .set("partitioner", "murmur2_random")
             .set("socket.keepalive.enable", "true");
         for (k, v) in &self.properties {
             c.set(k, v);
@@ -102,7 +99,10 @@ impl KafkaSettings {
     /// from idempotent sinks and deterministic keys instead.
     pub fn producer_config(&self) -> ClientConfig {
         let mut c = self.base();
-        c.set("acks", "all")
+        // Java's default partitioner: keys land where Kafka Streams and other clients
+        // expect them, and every member-keyed topic stays co-partitioned.
+        c.set("partitioner", "murmur2_random")
+            .set("acks", "all")
             .set("linger.ms", "10")
             .set("batch.num.messages", "10000")
             .set("batch.size", "1000000")

@@ -86,14 +86,24 @@ pub struct SinkConfig {
 
 impl From<SinkArgs> for SinkConfig {
     fn from(a: SinkArgs) -> Self {
-        SinkConfig { group_id: a.group_id, batch_size: a.batch_size.max(1), linger: Duration::from_millis(a.linger_ms), bounded: false }
+        SinkConfig {
+            group_id: a.group_id,
+            batch_size: a.batch_size.max(1),
+            linger: Duration::from_millis(a.linger_ms),
+            bounded: false,
+        }
     }
 }
 
 impl SinkConfig {
     /// The default group, bounded.
     pub fn bounded() -> Self {
-        SinkConfig { group_id: NAME.to_string(), batch_size: 5_000, linger: Duration::from_millis(100), bounded: true }
+        SinkConfig {
+            group_id: NAME.to_string(),
+            batch_size: 5_000,
+            linger: Duration::from_millis(100),
+            bounded: true,
+        }
     }
 }
 
@@ -201,7 +211,8 @@ fn bill_rows(b: Bill) -> (NewBill, Vec<NewItem>) {
             description: i.description,
             quantity: i.quantity,
             amount: i.amount,
-            snapshot: serde_json::from_str(&i.snapshot).unwrap_or(serde_json::Value::String(i.snapshot)),
+            snapshot: serde_json::from_str(&i.snapshot)
+                .unwrap_or(serde_json::Value::String(i.snapshot)),
         })
         .collect();
     let row = NewBill {
@@ -228,9 +239,17 @@ struct Batch {
 }
 
 /// Writes one batch in one transaction; returns (bills, items, members upserted, deleted).
-async fn write_batch(conn: &mut AsyncPgConnection, group: &str, batch: Batch) -> Result<(u64, u64, u64, u64), diesel::result::Error> {
+async fn write_batch(
+    conn: &mut AsyncPgConnection,
+    group: &str,
+    batch: Batch,
+) -> Result<(u64, u64, u64, u64), diesel::result::Error> {
     conn.transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
-        let Batch { bills, members, offsets } = batch;
+        let Batch {
+            bills,
+            members,
+            offsets,
+        } = batch;
         let (bill_rows, item_rows): (Vec<NewBill>, Vec<Vec<NewItem>>) = bills.into_iter().unzip();
         let mut inserted: HashSet<i64> = HashSet::new();
         for chunk in bill_rows.chunks(ROWS_PER_STATEMENT) {
@@ -243,9 +262,17 @@ async fn write_batch(conn: &mut AsyncPgConnection, group: &str, batch: Batch) ->
                 .await?;
             inserted.extend(ids);
         }
-        let items: Vec<NewItem> = item_rows.into_iter().flatten().filter(|i| inserted.contains(&i.bill_id)).collect();
+        let items: Vec<NewItem> = item_rows
+            .into_iter()
+            .flatten()
+            .filter(|i| inserted.contains(&i.bill_id))
+            .collect();
         for chunk in items.chunks(ROWS_PER_STATEMENT) {
-            diesel::insert_into(bill_item::table).values(chunk).on_conflict_do_nothing().execute(conn).await?;
+            diesel::insert_into(bill_item::table)
+                .values(chunk)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
         }
         let mut upserts: Vec<MemberRow> = Vec::new();
         let mut deletes: Vec<i64> = Vec::new();
@@ -275,7 +302,9 @@ async fn write_batch(conn: &mut AsyncPgConnection, group: &str, batch: Batch) ->
                 .await?;
         }
         if !deletes.is_empty() {
-            diesel::delete(member::table.filter(member::id.eq_any(&deletes))).execute(conn).await?;
+            diesel::delete(member::table.filter(member::id.eq_any(&deletes)))
+                .execute(conn)
+                .await?;
         }
         for ((topic, partition), next) in offsets {
             diesel::insert_into(consumer_offset::table)
@@ -286,24 +315,46 @@ async fn write_batch(conn: &mut AsyncPgConnection, group: &str, batch: Batch) ->
                     consumer_offset::next_offset.eq(next),
                     consumer_offset::updated_at.eq(Utc::now()),
                 ))
-                .on_conflict((consumer_offset::group_id, consumer_offset::topic, consumer_offset::partition))
+                .on_conflict((
+                    consumer_offset::group_id,
+                    consumer_offset::topic,
+                    consumer_offset::partition,
+                ))
                 .do_update()
-                .set((consumer_offset::next_offset.eq(next), consumer_offset::updated_at.eq(Utc::now())))
+                .set((
+                    consumer_offset::next_offset.eq(next),
+                    consumer_offset::updated_at.eq(Utc::now()),
+                ))
                 .execute(conn)
                 .await?;
         }
         let items_n = items.len() as u64;
-        Ok((inserted.len() as u64, items_n, upserts.len() as u64, deletes.len() as u64))
+        Ok((
+            inserted.len() as u64,
+            items_n,
+            upserts.len() as u64,
+            deletes.len() as u64,
+        ))
     })
     .await
 }
 
 /// The offsets this group stored in PostgreSQL.
-pub async fn stored_offsets(pool: &PgPool, group: &str) -> Result<HashMap<(String, i32), i64>, SinkError> {
-    let mut conn = pool.get().await.map_err(|e| SinkError::Pool(e.to_string()))?;
+pub async fn stored_offsets(
+    pool: &PgPool,
+    group: &str,
+) -> Result<HashMap<(String, i32), i64>, SinkError> {
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| SinkError::Pool(e.to_string()))?;
     let rows: Vec<(String, i32, i64)> = consumer_offset::table
         .filter(consumer_offset::group_id.eq(group))
-        .select((consumer_offset::topic, consumer_offset::partition, consumer_offset::next_offset))
+        .select((
+            consumer_offset::topic,
+            consumer_offset::partition,
+            consumer_offset::next_offset,
+        ))
         .load(&mut conn)
         .await?;
     Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
@@ -311,7 +362,11 @@ pub async fn stored_offsets(pool: &PgPool, group: &str) -> Result<HashMap<(Strin
 
 /// Runs the sink until `shutdown` or, when bounded, until the end offsets captured at start
 /// are loaded.
-pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<Output = ()>) -> Result<SinkSummary, SinkError> {
+pub async fn run(
+    common: &CommonArgs,
+    config: SinkConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<SinkSummary, SinkError> {
     let started = Instant::now();
     let catalogue = common.catalogue();
     let bills_topic = catalogue.name(&BILLS.spec);
@@ -322,8 +377,15 @@ pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<
     let bill_decoder = Decoder::<Bill>::new(registry.clone());
     let member_decoder = Decoder::<Member>::new(registry.clone());
     let producer = Producer::new(&common.kafka())?;
-    let dlq = Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec)).await?;
-    let quarantine = Quarantine::new(producer, catalogue.name(&DEAD_LETTERS.spec), NAME, Arc::new(dlq));
+    let dlq =
+        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
+            .await?;
+    let quarantine = Quarantine::new(
+        producer,
+        catalogue.name(&DEAD_LETTERS.spec),
+        NAME,
+        Arc::new(dlq),
+    );
 
     let mut kc = common.kafka().consumer_config(&config.group_id);
     kc.set("fetch.max.bytes", "52428800");
@@ -342,14 +404,19 @@ pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<
     }
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
-    let ends = if config.bounded { Some(end_offsets(&consumer, &topics)?) } else { None };
+    let ends = if config.bounded {
+        Some(end_offsets(&consumer, &topics)?)
+    } else {
+        None
+    };
     info!(group = %config.group_id, bounded = config.bounded, "bill sink started");
 
     let mut summary = SinkSummary::default();
     tokio::pin!(shutdown);
     let finished = |positions: &HashMap<(String, i32), i64>| {
         ends.as_ref().is_some_and(|ends| {
-            ends.iter().all(|(k, (low, high))| high <= low || positions.get(k).is_some_and(|p| p >= high))
+            ends.iter()
+                .all(|(k, (low, high))| high <= low || positions.get(k).is_some_and(|p| p >= high))
         })
     };
     'run: loop {
@@ -386,13 +453,20 @@ pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<
             let topic = m.topic().to_string();
             let (partition, offset) = (m.partition(), m.offset());
             if let Some(ends) = &ends {
-                if ends.get(&(topic.clone(), partition)).is_none_or(|(_, high)| offset >= *high) {
+                if ends
+                    .get(&(topic.clone(), partition))
+                    .is_none_or(|(_, high)| offset >= *high)
+                {
                     continue;
                 }
             }
             count += 1;
             batch.offsets.insert((topic.clone(), partition), offset + 1);
-            let origin = Origin { topic: topic.clone(), partition, offset };
+            let origin = Origin {
+                topic: topic.clone(),
+                partition,
+                offset,
+            };
             let failure = if topic == bills_topic {
                 summary.bills_seen += 1;
                 match bill_decoder.decode(m.payload()).await {
@@ -404,7 +478,10 @@ pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<
                     Err(e) => Some(format!("cannot decode: {e}")),
                 }
             } else {
-                let key = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<i64>().ok());
+                let key = m
+                    .key()
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .and_then(|k| k.parse::<i64>().ok());
                 match (m.payload(), key) {
                     (None, Some(id)) => {
                         batch.members.insert(id, None);
@@ -424,7 +501,9 @@ pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<
             if let Some(reason) = failure {
                 // Acknowledged before the transaction that moves the offset past it.
                 let now = Utc::now().timestamp_millis();
-                quarantine.send(&origin, m.key(), m.payload(), &reason, vec![], now).await?;
+                quarantine
+                    .send(&origin, m.key(), m.payload(), &reason, vec![], now)
+                    .await?;
                 summary.quarantined += 1;
             }
         }
@@ -432,8 +511,12 @@ pub async fn run(common: &CommonArgs, config: SinkConfig, shutdown: impl Future<
             continue;
         }
         let offsets = batch.offsets.clone();
-        let mut conn = pool.get().await.map_err(|e| SinkError::Pool(e.to_string()))?;
-        let (bills, items, upserted, deleted) = write_batch(&mut conn, &config.group_id, batch).await?;
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| SinkError::Pool(e.to_string()))?;
+        let (bills, items, upserted, deleted) =
+            write_batch(&mut conn, &config.group_id, batch).await?;
         summary.batches += 1;
         summary.bills_inserted += bills;
         summary.items_inserted += items;

@@ -50,7 +50,11 @@ impl std::fmt::Debug for Recorder {
 impl Handler<DeadLetter> for Recorder {
     async fn handle(&self, r: &Incoming<DeadLetter>) -> Result<(), HandleError> {
         let l = &r.value;
-        let mut conn = self.pool.get().await.map_err(|e| HandleError::Retriable(e.to_string()))?;
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| HandleError::Retriable(e.to_string()))?;
         diesel::insert_into(dead_letter::table)
             .values((
                 dead_letter::source_topic.eq(&l.source_topic),
@@ -61,7 +65,8 @@ impl Handler<DeadLetter> for Recorder {
                 dead_letter::key.eq(&l.key),
                 dead_letter::payload.eq(&l.payload),
                 dead_letter::attempts.eq(serde_json::json!(l.attempts)),
-                dead_letter::created_at.eq(chrono::DateTime::from_timestamp_millis(l.occurred_at).unwrap_or_default()),
+                dead_letter::created_at
+                    .eq(chrono::DateTime::from_timestamp_millis(l.occurred_at).unwrap_or_default()),
             ))
             .on_conflict_do_nothing()
             .execute(&mut conn)
@@ -73,16 +78,24 @@ impl Handler<DeadLetter> for Recorder {
 
 /// Records letters until `shutdown`, or, when `bounded`, until the letters present at start
 /// are recorded.
-pub async fn run(common: &CommonArgs, bounded: bool, shutdown: impl Future<Output = ()>) -> Result<LoopSummary, DlqError> {
+pub async fn run(
+    common: &CommonArgs,
+    bounded: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<LoopSummary, DlqError> {
     let catalogue = common.catalogue();
     let registry = Registry::new(&common.schema_registry_url)?;
     let topic = catalogue.name(&DEAD_LETTERS.spec);
-    let encoder = Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec)).await?;
+    let encoder =
+        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
+            .await?;
     let producer = Producer::new(&common.kafka())?;
     let deps = LoopDeps {
         kafka: common.kafka(),
         decoder: Arc::new(Decoder::new(registry)),
-        handler: Arc::new(Recorder { pool: billing_db::pool(&common.database_url, 8)? }),
+        handler: Arc::new(Recorder {
+            pool: billing_db::pool(&common.database_url, 8)?,
+        }),
         quarantine: Quarantine::new(producer, topic.clone(), NAME, Arc::new(encoder)),
     };
     let mut config = LoopConfig::new(format!("{}{NAME}", common.topic_prefix), vec![topic]);

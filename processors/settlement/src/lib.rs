@@ -40,9 +40,7 @@ use billing_domain::{
     rules::{self, compute_bill, validate_usage},
 };
 use billing_runtime::{
-    CommonArgs, Producer, ProduceError, Quarantine,
-    consumer::end_offsets,
-    producer::Pending,
+    CommonArgs, ProduceError, Producer, Quarantine, consumer::end_offsets, producer::Pending,
     quarantine::Origin,
 };
 use billing_schema::{
@@ -66,7 +64,11 @@ const IN_FLIGHT_BILLS: usize = 10_000;
 
 /// Command line of the `settlement` binary.
 #[derive(Debug, clap::Parser)]
-#[command(name = "settlement", version, about = "Settle monthly bills from the changelog topics")]
+#[command(
+    name = "settlement",
+    version,
+    about = "Settle monthly bills from the changelog topics"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -105,7 +107,11 @@ pub struct SettleConfig {
 impl SettleConfig {
     /// A single-instance run of `month` with a fresh run id.
     pub fn new(month: BillingMonth) -> Self {
-        SettleConfig { month, run_id: uuid::Uuid::new_v4().simple().to_string(), parallelism: 2 }
+        SettleConfig {
+            month,
+            run_id: uuid::Uuid::new_v4().simple().to_string(),
+            parallelism: 2,
+        }
     }
 }
 
@@ -176,22 +182,42 @@ struct Ctx {
 
 impl Ctx {
     fn reader(&self) -> Result<StreamConsumer, KafkaError> {
-        let mut c = self.common.kafka().consumer_config(&format!("{}.reader", self.group));
-        c.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+        let mut c = self
+            .common
+            .kafka()
+            .consumer_config(&format!("{}.reader", self.group));
+        c.set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
         c.create()
     }
 
-    async fn quarantine(&self, origin: Origin, key: Option<&[u8]>, payload: Option<&[u8]>, reason: &str) -> Result<(), SettlementError> {
+    async fn quarantine(
+        &self,
+        origin: Origin,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        reason: &str,
+    ) -> Result<(), SettlementError> {
         let now = chrono::Utc::now().timestamp_millis();
-        self.quarantine.send(&origin, key, payload, reason, vec![], now).await?;
+        self.quarantine
+            .send(&origin, key, payload, reason, vec![], now)
+            .await?;
         Ok(())
     }
 }
 
 /// A reader positioned at the beginning of `topic[partition]`, with the snapshot's end, or
 /// `None` when the partition was empty in the snapshot.
-fn open_snapshot(ctx: &Ctx, topic: &str, partition: i32) -> Result<Option<(StreamConsumer, i64)>, SettlementError> {
-    let (low, end) = ctx.ends.get(&(topic.to_string(), partition)).copied().unwrap_or((0, 0));
+fn open_snapshot(
+    ctx: &Ctx,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<(StreamConsumer, i64)>, SettlementError> {
+    let (low, end) = ctx
+        .ends
+        .get(&(topic.to_string(), partition))
+        .copied()
+        .unwrap_or((0, 0));
     if end <= low {
         return Ok(None);
     }
@@ -204,7 +230,10 @@ fn open_snapshot(ctx: &Ctx, topic: &str, partition: i32) -> Result<Option<(Strea
 
 /// Settles one partition: members, then usage, then bills; returns its summary.
 async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, SettlementError> {
-    let mut s = Summary { partitions: 1, ..Summary::default() };
+    let mut s = Summary {
+        partitions: 1,
+        ..Summary::default()
+    };
     let started = Instant::now();
 
     // Members as of the snapshot (the changelog's last value per key wins).
@@ -217,11 +246,19 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
             if offset >= end {
                 break;
             }
-            let origin = Origin { topic: ctx.members_topic.clone(), partition, offset };
+            let origin = Origin {
+                topic: ctx.members_topic.clone(),
+                partition,
+                offset,
+            };
             match m.payload() {
                 // A tombstone: the member left.
                 None => {
-                    if let Some(id) = m.key().and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse::<i64>().ok()) {
+                    if let Some(id) = m
+                        .key()
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .and_then(|k| k.parse::<i64>().ok())
+                    {
                         members.remove(&id);
                     }
                 }
@@ -231,7 +268,13 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                     }
                     Err(e) if e.is_retriable() => return Err(e.into()),
                     Err(e) => {
-                        ctx.quarantine(origin, m.key(), Some(payload), &format!("cannot decode: {e}")).await?;
+                        ctx.quarantine(
+                            origin,
+                            m.key(),
+                            Some(payload),
+                            &format!("cannot decode: {e}"),
+                        )
+                        .await?;
                         quarantined += 1;
                     }
                 },
@@ -265,7 +308,11 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
             if offset >= end {
                 break;
             }
-            let origin = Origin { topic: ctx.usage_topic.clone(), partition, offset };
+            let origin = Origin {
+                topic: ctx.usage_topic.clone(),
+                partition,
+                offset,
+            };
             s.usage_records += 1;
             let reason = match ctx.usage_decoder.decode(m.payload()).await {
                 Err(e) if e.is_retriable() => return Err(e.into()),
@@ -276,11 +323,18 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                 }
                 Ok(u) => {
                     if !members.contains_key(&u.member_id) {
-                        Some(format!("usage {} for unknown member {}", u.usage_id, u.member_id))
-                    } else if let Err(e) = validate_usage(&ctx.products, &u.product_id, u.quantity) {
+                        Some(format!(
+                            "usage {} for unknown member {}",
+                            u.usage_id, u.member_id
+                        ))
+                    } else if let Err(e) = validate_usage(&ctx.products, &u.product_id, u.quantity)
+                    {
                         Some(format!("usage {}: {e}", u.usage_id))
                     } else {
-                        let idx = product_index.get(u.product_id.as_str()).copied().unwrap_or(u16::MAX);
+                        let idx = product_index
+                            .get(u.product_id.as_str())
+                            .copied()
+                            .unwrap_or(u16::MAX);
                         let entry = usage.entry(u.member_id).or_default();
                         match entry.iter_mut().find(|(i, _)| *i == idx) {
                             Some((_, q)) => *q = q.saturating_add(u.quantity),
@@ -291,7 +345,8 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                 }
             };
             if let Some(reason) = reason {
-                ctx.quarantine(origin, m.key(), m.payload(), &reason).await?;
+                ctx.quarantine(origin, m.key(), m.payload(), &reason)
+                    .await?;
                 quarantined += 1;
             }
             if offset >= end - 1 {
@@ -307,19 +362,29 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
     let mut pending: Vec<Pending> = Vec::with_capacity(IN_FLIGHT_BILLS);
     let mut buf = Vec::with_capacity(2048);
     for id in ids {
-        let Some((member, origin)) = members.get(&id) else { continue };
+        let Some((member, origin)) = members.get(&id) else {
+            continue;
+        };
         let totals: BTreeMap<String, i64> = usage
             .remove(&id)
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|(i, q)| product_names.get(usize::from(i)).map(|n| ((*n).to_string(), q)))
+            .filter_map(|(i, q)| {
+                product_names
+                    .get(usize::from(i))
+                    .map(|n| ((*n).to_string(), q))
+            })
             .collect();
         match compute_bill(ctx.month, member, &ctx.products, &totals, ctx.settled_at) {
             Ok(bill) => {
                 buf.clear();
                 ctx.bill_encoder.encode_into(&bill, &mut buf)?;
                 let key = id.to_string();
-                pending.push(ctx.producer.enqueue(&ctx.bills_topic, Some(key.as_bytes()), Some(&buf), None).await?);
+                pending.push(
+                    ctx.producer
+                        .enqueue(&ctx.bills_topic, Some(key.as_bytes()), Some(&buf), None)
+                        .await?,
+                );
                 s.bills += 1;
                 s.final_amount += bill.final_amount;
                 if pending.len() >= IN_FLIGHT_BILLS {
@@ -333,7 +398,13 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                 // The original bytes are not kept in memory: the member is re-encoded under
                 // the subject's registered schema, which decodes to the same value.
                 let payload = ctx.member_encoder.encode(member).ok();
-                ctx.quarantine(origin.clone(), Some(id.to_string().as_bytes()), payload.as_deref(), &e.to_string()).await?;
+                ctx.quarantine(
+                    origin.clone(),
+                    Some(id.to_string().as_bytes()),
+                    payload.as_deref(),
+                    &e.to_string(),
+                )
+                .await?;
                 quarantined += 1;
             }
         }
@@ -342,10 +413,17 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         p.wait().await?;
     }
     s.quarantined = quarantined;
-    info!(partition, members = s.members, bills = s.bills, usage = s.usage_records, quarantined, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0), "partition settled");
+    info!(
+        partition,
+        members = s.members,
+        bills = s.bills,
+        usage = s.usage_records,
+        quarantined,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+        "partition settled"
+    );
     Ok(s)
 }
-
 
 /// Reads the whole product catalogue as of now.
 async fn load_products(
@@ -382,9 +460,22 @@ async fn load_products(
                     }
                     (_, Err(e)) if e.is_retriable() => return Err(e.into()),
                     (Some(payload), Err(e)) => {
-                        let origin = Origin { topic: t.clone(), partition: p, offset: m.offset() };
+                        let origin = Origin {
+                            topic: t.clone(),
+                            partition: p,
+                            offset: m.offset(),
+                        };
                         let now = chrono::Utc::now().timestamp_millis();
-                        quarantine.send(&origin, m.key(), Some(payload), &format!("cannot decode: {e}"), vec![], now).await?;
+                        quarantine
+                            .send(
+                                &origin,
+                                m.key(),
+                                Some(payload),
+                                &format!("cannot decode: {e}"),
+                                vec![],
+                                now,
+                            )
+                            .await?;
                     }
                 }
             }
@@ -398,14 +489,25 @@ async fn load_products(
 
 /// Settles `config.month` to completion (this instance's share of it) and returns what it
 /// did. `shutdown` interrupts the run: nothing is lost, the next run redoes it.
-pub async fn run(common: &CommonArgs, config: SettleConfig, shutdown: impl Future<Output = ()>) -> Result<Summary, SettlementError> {
+pub async fn run(
+    common: &CommonArgs,
+    config: SettleConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Summary, SettlementError> {
     let started = Instant::now();
     let catalogue = common.catalogue();
     let group = format!("{NAME}.{}.{}", config.month, config.run_id);
     let registry = Registry::new(&common.schema_registry_url)?;
     let producer = Producer::new(&common.kafka())?;
-    let dlq = Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec)).await?;
-    let quarantine = Quarantine::new(producer.clone(), catalogue.name(&DEAD_LETTERS.spec), NAME, Arc::new(dlq));
+    let dlq =
+        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
+            .await?;
+    let quarantine = Quarantine::new(
+        producer.clone(),
+        catalogue.name(&DEAD_LETTERS.spec),
+        NAME,
+        Arc::new(dlq),
+    );
     let products = load_products(common, &group, &registry, &quarantine).await?;
     info!(month = %config.month, run_id = %config.run_id, products = products.len(), "settlement started");
 
@@ -415,7 +517,10 @@ pub async fn run(common: &CommonArgs, config: SettleConfig, shutdown: impl Futur
     gc.set("enable.auto.commit", "false");
     let coordinator: Arc<StreamConsumer> = Arc::new(gc.create()?);
     coordinator.subscribe(&[members_topic.as_str()])?;
-    let ends = end_offsets(coordinator.as_ref(), &[members_topic.clone(), usage_topic.clone()])?;
+    let ends = end_offsets(
+        coordinator.as_ref(),
+        &[members_topic.clone(), usage_topic.clone()],
+    )?;
     let (_, month_end) = config.month.bounds(common.billing_tz);
     let ctx = Arc::new(Ctx {
         common: common.clone(),
@@ -424,7 +529,8 @@ pub async fn run(common: &CommonArgs, config: SettleConfig, shutdown: impl Futur
         bills_topic: catalogue.name(&BILLS.spec),
         products,
         member_decoder: Decoder::new(registry.clone()),
-        member_encoder: Encoder::register(&registry, &catalogue.value_subject(&MEMBERS.spec)).await?,
+        member_encoder: Encoder::register(&registry, &catalogue.value_subject(&MEMBERS.spec))
+            .await?,
         usage_decoder: Decoder::new(registry.clone()),
         bill_encoder: Encoder::register(&registry, &catalogue.value_subject(&BILLS.spec)).await?,
         producer: producer.clone(),
@@ -435,7 +541,11 @@ pub async fn run(common: &CommonArgs, config: SettleConfig, shutdown: impl Futur
         ends: ends.clone(),
     });
     let partitions: Vec<i32> = {
-        let mut v: Vec<i32> = ends.keys().filter(|(t, _)| *t == members_topic).map(|(_, p)| *p).collect();
+        let mut v: Vec<i32> = ends
+            .keys()
+            .filter(|(t, _)| *t == members_topic)
+            .map(|(_, p)| *p)
+            .collect();
         v.sort_unstable();
         v
     };
@@ -508,14 +618,24 @@ pub async fn run(common: &CommonArgs, config: SettleConfig, shutdown: impl Futur
 }
 
 /// Whether every partition of the run is done: empty in the snapshot, or committed at its end.
-fn all_done(consumer: &StreamConsumer, topic: &str, partitions: &[i32], ends: &HashMap<(String, i32), (i64, i64)>) -> bool {
+fn all_done(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partitions: &[i32],
+    ends: &HashMap<(String, i32), (i64, i64)>,
+) -> bool {
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition(topic, *p);
     }
-    let Ok(committed) = consumer.committed_offsets(tpl, TIMEOUT) else { return false };
+    let Ok(committed) = consumer.committed_offsets(tpl, TIMEOUT) else {
+        return false;
+    };
     partitions.iter().all(|p| {
-        let (low, end) = ends.get(&(topic.to_string(), *p)).copied().unwrap_or((0, 0));
+        let (low, end) = ends
+            .get(&(topic.to_string(), *p))
+            .copied()
+            .unwrap_or((0, 0));
         end <= low
             || committed
                 .find_partition(topic, *p)
@@ -524,13 +644,28 @@ fn all_done(consumer: &StreamConsumer, topic: &str, partitions: &[i32], ends: &H
 }
 
 /// The binary's entry: one month (`--month`), or every month on the schedule.
-pub async fn main_loop(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(), SettlementError> {
+pub async fn main_loop(
+    cli: Cli,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SettlementError> {
     let tz = cli.common.billing_tz;
     let parallelism = usize::from(cli.settle.parallelism);
     tokio::pin!(shutdown);
     if let Some(month) = cli.settle.month {
-        let run_id = cli.settle.run_id.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-        run(&cli.common, SettleConfig { month, run_id, parallelism }, &mut shutdown).await?;
+        let run_id = cli
+            .settle
+            .run_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        run(
+            &cli.common,
+            SettleConfig {
+                month,
+                run_id,
+                parallelism,
+            },
+            &mut shutdown,
+        )
+        .await?;
         return Ok(());
     }
     loop {
@@ -545,10 +680,22 @@ pub async fn main_loop(cli: Cli, shutdown: impl Future<Output = ()>) -> Result<(
         }
         // The run id is derived from the schedule, so instances started together share it.
         let run_id = format!("scheduled-{}", at.timestamp());
-        match run(&cli.common, SettleConfig { month, run_id, parallelism }, &mut shutdown).await {
+        match run(
+            &cli.common,
+            SettleConfig {
+                month,
+                run_id,
+                parallelism,
+            },
+            &mut shutdown,
+        )
+        .await
+        {
             Ok(_) => {}
             Err(SettlementError::Interrupted) => return Ok(()),
-            Err(e) => warn!(month = %month, error = %e, "scheduled settlement failed; the next schedule retries"),
+            Err(e) => {
+                warn!(month = %month, error = %e, "scheduled settlement failed; the next schedule retries")
+            }
         }
     }
 }

@@ -38,11 +38,20 @@ mod tests {
         let two = NaiveTime::from_hms_opt(2, 0, 0).unwrap();
         let now = "2026-11-24T10:00:00Z".parse().unwrap();
         // The 1st has passed in November: the next run is 2026-12-01 02:00 KST.
-        assert_eq!(next_run(now, 1, two, tz).to_rfc3339(), "2026-11-30T17:00:00+00:00");
+        assert_eq!(
+            next_run(now, 1, two, tz).to_rfc3339(),
+            "2026-11-30T17:00:00+00:00"
+        );
         // The 30th is still ahead.
-        assert_eq!(next_run(now, 30, two, tz).to_rfc3339(), "2026-11-29T17:00:00+00:00");
+        assert_eq!(
+            next_run(now, 30, two, tz).to_rfc3339(),
+            "2026-11-29T17:00:00+00:00"
+        );
         // Day 31 in a 30-day month means the 30th.
         assert_eq!(next_run(now, 31, two, tz), next_run(now, 30, two, tz));
-        assert_eq!(month_settled_at(next_run(now, 1, two, tz), tz).to_string(), "2026-11");
+        assert_eq!(
+            month_settled_at(next_run(now, 1, two, tz), tz).to_string(),
+            "2026-11"
+        );
     }
 }
