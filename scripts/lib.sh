@@ -13,7 +13,7 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # `billing stack up` when missing).
 install_prerequisites() {
   local missing=()
-  for pkg in pkg-config libssl-dev zlib1g-dev make g++; do
+  for pkg in pkg-config libssl-dev zlib1g-dev libpq-dev make g++; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)

@@ -140,3 +140,45 @@ diesel::allow_tables_to_appear_in_same_query!(
     quiet_hours,
     consumer_offset,
 );
+
+// Session-local staging tables of the bill sink (`create temp table ... (like ...)`): a batch
+// is COPYed into them, then moved into the real tables with `on conflict do nothing`.
+diesel::table! {
+    bill_stage (id) {
+        id -> Int8,
+        member_id -> Int8,
+        billing_month -> Text,
+        total_amount -> Int8,
+        discount_amount -> Int8,
+        vat_amount -> Int8,
+        final_amount -> Int8,
+        settled_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    bill_item_stage (id) {
+        id -> Int8,
+        bill_id -> Int8,
+        kind -> Text,
+        product_id -> Text,
+        description -> Text,
+        quantity -> Int8,
+        amount -> Int8,
+        snapshot -> Jsonb,
+    }
+}
+
+diesel::table! {
+    member_stage (id) {
+        id -> Int8,
+        name -> Text,
+        email -> Text,
+        phone -> Text,
+        delivery_day -> Int2,
+        dnd_start -> Nullable<Time>,
+        dnd_end -> Nullable<Time>,
+        plan_id -> Text,
+        updated_at -> Timestamptz,
+    }
+}

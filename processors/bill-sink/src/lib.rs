@@ -9,25 +9,23 @@
 //!   its rows. At start, those offsets are committed to the group, so a restart resumes
 //!   exactly where the data stopped; Kafka's own commits, made after each transaction, are
 //!   only a hint.
-//! - A bill is inserted with `on conflict (member_id, billing_month) do nothing`, and its
-//!   items only if the bill itself was inserted: replays, re-runs and concurrent sinks can
-//!   never duplicate a bill or add items to an existing one.
+//! - A batch is COPYed into session-local staging tables, then moved in one statement: a bill
+//!   with `on conflict (member_id, billing_month) do nothing`, and its items only if the bill
+//!   itself was inserted: replays, re-runs and concurrent sinks can never duplicate a bill or
+//!   add items to an existing one.
 //! - A record that does not decode is quarantined to `dead-letters` (acknowledged) before
 //!   the transaction that moves the offset past it commits.
 //!
 //! Run: `bill-sink` (continuous), or bounded inside `billing settle`.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use billing_db::{
-    PgPool,
-    schema::{bill, bill_item, consumer_offset, member},
-};
+use billing_db::schema::{bill_item_stage, bill_stage, consumer_offset, member, member_stage};
 use billing_runtime::{
     CommonArgs, ProduceError, Producer, Quarantine, consumer::end_offsets, quarantine::Origin,
 };
@@ -36,8 +34,10 @@ use billing_schema::{
     catalogue::{BILLS, DEAD_LETTERS, MEMBERS},
 };
 use chrono::{DateTime, NaiveTime, Utc};
-use diesel::{ExpressionMethods, Insertable, QueryDsl, upsert::excluded};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel::{
+    Connection, ExecuteCopyFromDsl, ExpressionMethods, Insertable, PgConnection, QueryDsl,
+    QueryableByName, RunQueryDsl, connection::SimpleConnection, sql_types::BigInt,
+};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -47,8 +47,6 @@ use tracing::{info, warn};
 
 /// The processor's name and default group id.
 pub const NAME: &str = "bill-sink";
-/// Rows per INSERT statement (PostgreSQL allows 65,535 bind parameters).
-const ROWS_PER_STATEMENT: usize = 4_000;
 
 /// Command line of the `bill-sink` binary.
 #[derive(Debug, clap::Parser)]
@@ -72,6 +70,9 @@ pub struct SinkArgs {
     /// How long a batch waits to fill, milliseconds.
     #[arg(long, env = "BILL_SINK_LINGER_MS", default_value_t = 200)]
     pub linger_ms: u64,
+    /// Stop once the records present at start are loaded (batch mode, benchmarks).
+    #[arg(long)]
+    pub bounded: bool,
 }
 
 /// One sink run's settings.
@@ -90,7 +91,7 @@ impl From<SinkArgs> for SinkConfig {
             group_id: a.group_id,
             batch_size: a.batch_size.max(1),
             linger: Duration::from_millis(a.linger_ms),
-            bounded: false,
+            bounded: a.bounded,
         }
     }
 }
@@ -138,7 +139,7 @@ pub enum SinkError {
 }
 
 #[derive(Debug, Insertable)]
-#[diesel(table_name = bill)]
+#[diesel(table_name = bill_stage, treat_none_as_default_value = false)]
 struct NewBill {
     id: i64,
     member_id: i64,
@@ -151,7 +152,7 @@ struct NewBill {
 }
 
 #[derive(Debug, Insertable)]
-#[diesel(table_name = bill_item)]
+#[diesel(table_name = bill_item_stage, treat_none_as_default_value = false)]
 struct NewItem {
     id: i64,
     bill_id: i64,
@@ -164,7 +165,7 @@ struct NewItem {
 }
 
 #[derive(Debug, Insertable)]
-#[diesel(table_name = member)]
+#[diesel(table_name = member_stage, treat_none_as_default_value = false)]
 struct MemberRow {
     id: i64,
     name: String,
@@ -238,42 +239,51 @@ struct Batch {
     offsets: HashMap<(String, i32), i64>,
 }
 
+#[derive(QueryableByName)]
+struct Moved {
+    #[diesel(sql_type = BigInt)]
+    bills: i64,
+    #[diesel(sql_type = BigInt)]
+    items: i64,
+}
+
+/// Session-local staging tables, emptied at every commit.
+const STAGING: &str = "
+    create temp table if not exists bill_stage (like bill including defaults) on commit delete rows;
+    create temp table if not exists bill_item_stage (like bill_item including defaults) on commit delete rows;
+    create temp table if not exists member_stage (like member including defaults) on commit delete rows;";
+
 /// Writes one batch in one transaction; returns (bills, items, members upserted, deleted).
-async fn write_batch(
-    conn: &mut AsyncPgConnection,
+/// Rows are COPYed into staging tables, then moved with `on conflict do nothing`; items move
+/// only with a bill that was inserted now.
+fn write_batch(
+    conn: &mut PgConnection,
     group: &str,
     batch: Batch,
 ) -> Result<(u64, u64, u64, u64), diesel::result::Error> {
-    conn.transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
-        let Batch {
-            bills,
-            members,
-            offsets,
-        } = batch;
+    conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        conn.batch_execute(STAGING)?;
+        let Batch { bills, members, offsets } = batch;
         let (bill_rows, item_rows): (Vec<NewBill>, Vec<Vec<NewItem>>) = bills.into_iter().unzip();
-        let mut inserted: HashSet<i64> = HashSet::new();
-        for chunk in bill_rows.chunks(ROWS_PER_STATEMENT) {
-            let ids: Vec<i64> = diesel::insert_into(bill::table)
-                .values(chunk)
-                .on_conflict((bill::member_id, bill::billing_month))
-                .do_nothing()
-                .returning(bill::id)
-                .get_results(conn)
-                .await?;
-            inserted.extend(ids);
-        }
-        let items: Vec<NewItem> = item_rows
-            .into_iter()
-            .flatten()
-            .filter(|i| inserted.contains(&i.bill_id))
-            .collect();
-        for chunk in items.chunks(ROWS_PER_STATEMENT) {
-            diesel::insert_into(bill_item::table)
-                .values(chunk)
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
-        }
+        let items: Vec<NewItem> = item_rows.into_iter().flatten().collect();
+        diesel::copy_from(bill_stage::table).from_insertable(&bill_rows).execute(conn)?;
+        diesel::copy_from(bill_item_stage::table).from_insertable(&items).execute(conn)?;
+        let moved: Moved = diesel::sql_query(
+            "with ins as (
+               insert into bill (id, member_id, billing_month, total_amount, discount_amount, vat_amount, final_amount, settled_at)
+               select id, member_id, billing_month, total_amount, discount_amount, vat_amount, final_amount, settled_at
+               from bill_stage
+               on conflict (member_id, billing_month) do nothing
+               returning id),
+             moved_items as (
+               insert into bill_item (id, bill_id, kind, product_id, description, quantity, amount, snapshot)
+               select s.id, s.bill_id, s.kind, s.product_id, s.description, s.quantity, s.amount, s.snapshot
+               from bill_item_stage s join ins on ins.id = s.bill_id
+               on conflict (id) do nothing
+               returning 1)
+             select (select count(*) from ins)::bigint as bills, (select count(*) from moved_items)::bigint as items",
+        )
+        .get_result(conn)?;
         let mut upserts: Vec<MemberRow> = Vec::new();
         let mut deletes: Vec<i64> = Vec::new();
         for (id, row) in members {
@@ -282,29 +292,19 @@ async fn write_batch(
                 None => deletes.push(id),
             }
         }
-        upserts.sort_by_key(|r| r.id);
-        for chunk in upserts.chunks(ROWS_PER_STATEMENT) {
-            diesel::insert_into(member::table)
-                .values(chunk)
-                .on_conflict(member::id)
-                .do_update()
-                .set((
-                    member::name.eq(excluded(member::name)),
-                    member::email.eq(excluded(member::email)),
-                    member::phone.eq(excluded(member::phone)),
-                    member::delivery_day.eq(excluded(member::delivery_day)),
-                    member::dnd_start.eq(excluded(member::dnd_start)),
-                    member::dnd_end.eq(excluded(member::dnd_end)),
-                    member::plan_id.eq(excluded(member::plan_id)),
-                    member::updated_at.eq(excluded(member::updated_at)),
-                ))
-                .execute(conn)
-                .await?;
+        if !upserts.is_empty() {
+            diesel::copy_from(member_stage::table).from_insertable(&upserts).execute(conn)?;
+            diesel::sql_query(
+                "insert into member (id, name, email, phone, delivery_day, dnd_start, dnd_end, plan_id, updated_at)
+                 select id, name, email, phone, delivery_day, dnd_start, dnd_end, plan_id, updated_at from member_stage
+                 on conflict (id) do update set name = excluded.name, email = excluded.email, phone = excluded.phone,
+                   delivery_day = excluded.delivery_day, dnd_start = excluded.dnd_start, dnd_end = excluded.dnd_end,
+                   plan_id = excluded.plan_id, updated_at = excluded.updated_at",
+            )
+            .execute(conn)?;
         }
         if !deletes.is_empty() {
-            diesel::delete(member::table.filter(member::id.eq_any(&deletes)))
-                .execute(conn)
-                .await?;
+            diesel::delete(member::table.filter(member::id.eq_any(&deletes))).execute(conn)?;
         }
         for ((topic, partition), next) in offsets {
             diesel::insert_into(consumer_offset::table)
@@ -315,49 +315,37 @@ async fn write_batch(
                     consumer_offset::next_offset.eq(next),
                     consumer_offset::updated_at.eq(Utc::now()),
                 ))
-                .on_conflict((
-                    consumer_offset::group_id,
-                    consumer_offset::topic,
-                    consumer_offset::partition,
-                ))
+                .on_conflict((consumer_offset::group_id, consumer_offset::topic, consumer_offset::partition))
                 .do_update()
-                .set((
-                    consumer_offset::next_offset.eq(next),
-                    consumer_offset::updated_at.eq(Utc::now()),
-                ))
-                .execute(conn)
-                .await?;
+                .set((consumer_offset::next_offset.eq(next), consumer_offset::updated_at.eq(Utc::now())))
+                .execute(conn)?;
         }
-        let items_n = items.len() as u64;
-        Ok((
-            inserted.len() as u64,
-            items_n,
-            upserts.len() as u64,
-            deletes.len() as u64,
-        ))
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok((n(moved.bills), n(moved.items), upserts.len() as u64, deletes.len() as u64))
     })
-    .await
 }
 
 /// The offsets this group stored in PostgreSQL.
 pub async fn stored_offsets(
-    pool: &PgPool,
+    database_url: &str,
     group: &str,
 ) -> Result<HashMap<(String, i32), i64>, SinkError> {
-    let mut conn = pool
-        .get()
-        .await
-        .map_err(|e| SinkError::Pool(e.to_string()))?;
-    let rows: Vec<(String, i32, i64)> = consumer_offset::table
-        .filter(consumer_offset::group_id.eq(group))
-        .select((
-            consumer_offset::topic,
-            consumer_offset::partition,
-            consumer_offset::next_offset,
-        ))
-        .load(&mut conn)
-        .await?;
-    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+    let (url, group) = (database_url.to_string(), group.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut conn = PgConnection::establish(&url)
+            .map_err(|e| SinkError::Db(billing_db::DbError::Connect(e)))?;
+        let rows: Vec<(String, i32, i64)> = consumer_offset::table
+            .filter(consumer_offset::group_id.eq(&group))
+            .select((
+                consumer_offset::topic,
+                consumer_offset::partition,
+                consumer_offset::next_offset,
+            ))
+            .load(&mut conn)?;
+        Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect())
+    })
+    .await
+    .map_err(|e| SinkError::Pool(e.to_string()))?
 }
 
 /// Runs the sink until `shutdown` or, when bounded, until the end offsets captured at start
@@ -372,7 +360,6 @@ pub async fn run(
     let bills_topic = catalogue.name(&BILLS.spec);
     let members_topic = catalogue.name(&MEMBERS.spec);
     let topics = vec![bills_topic.clone(), members_topic.clone()];
-    let pool = billing_db::pool(&common.database_url, 2)?;
     let registry = Registry::new(&common.schema_registry_url)?;
     let bill_decoder = Decoder::<Bill>::new(registry.clone());
     let member_decoder = Decoder::<Member>::new(registry.clone());
@@ -391,7 +378,7 @@ pub async fn run(
     kc.set("fetch.max.bytes", "52428800");
     let consumer: StreamConsumer = kc.create()?;
     // PostgreSQL's offsets are the truth: hand them to the group before joining it.
-    let mut positions = stored_offsets(&pool, &config.group_id).await?;
+    let mut positions = stored_offsets(&common.database_url, &config.group_id).await?;
     positions.retain(|(t, _), _| topics.contains(t));
     if !positions.is_empty() {
         let mut tpl = TopicPartitionList::new();
@@ -412,6 +399,7 @@ pub async fn run(
     info!(group = %config.group_id, bounded = config.bounded, "bill sink started");
 
     let mut summary = SinkSummary::default();
+    let mut writer: Option<PgConnection> = None;
     tokio::pin!(shutdown);
     let finished = |positions: &HashMap<(String, i32), i64>| {
         ends.as_ref().is_some_and(|ends| {
@@ -511,12 +499,30 @@ pub async fn run(
             continue;
         }
         let offsets = batch.offsets.clone();
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| SinkError::Pool(e.to_string()))?;
-        let (bills, items, upserted, deleted) =
-            write_batch(&mut conn, &config.group_id, batch).await?;
+        // The write runs on a dedicated blocking connection (COPY needs diesel's libpq one);
+        // a failed connection is dropped and the next batch opens a new one.
+        let (url, group, conn) = (
+            common.database_url.clone(),
+            config.group_id.clone(),
+            writer.take(),
+        );
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = match conn {
+                Some(c) => c,
+                None => match PgConnection::establish(&url) {
+                    Ok(c) => c,
+                    Err(e) => return (None, Err(SinkError::Db(billing_db::DbError::Connect(e)))),
+                },
+            };
+            match write_batch(&mut conn, &group, batch) {
+                Ok(r) => (Some(conn), Ok(r)),
+                Err(e) => (None, Err(SinkError::Query(e))),
+            }
+        })
+        .await
+        .map_err(|e| SinkError::Pool(e.to_string()))?;
+        writer = conn;
+        let (bills, items, upserted, deleted) = result?;
         summary.batches += 1;
         summary.bills_inserted += bills;
         summary.items_inserted += items;
