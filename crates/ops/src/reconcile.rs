@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use billing_domain::{BillingMonth, rules::validate_usage};
-use billing_runtime::{CommonArgs, consumer::end_offsets};
+use billing_runtime::{CommonArgs, consumer::end_offsets, snapshot::PartitionReader};
 use billing_schema::{
     Decoder, Product, Registry, UsageRecord,
     catalogue::{PRODUCTS, USAGE_RECORDS},
@@ -21,10 +21,7 @@ use diesel::{
     sql_types::{BigInt, Int4, Jsonb, Text},
 };
 use diesel_async::RunQueryDsl;
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{Consumer, StreamConsumer},
-};
+use rdkafka::{Message, consumer::StreamConsumer};
 
 use crate::OpsError;
 
@@ -85,29 +82,19 @@ async fn read_topic<F>(common: &CommonArgs, topic: &str, mut each: F) -> Result<
 where
     F: AsyncFnMut(i32, i64, Option<&[u8]>) -> Result<(), OpsError>,
 {
-    let mut c = common.kafka().consumer_config(&format!(
-        "{}reconcile-{}",
-        common.topic_prefix,
-        std::process::id()
-    ));
+    let group = format!("{}reconcile-{}", common.topic_prefix, std::process::id());
+    let mut c = common.kafka().consumer_config(&group);
     c.set("enable.auto.commit", "false");
-    let reader: StreamConsumer = c.create()?;
-    let ends = end_offsets(&reader, &[topic.to_string()])?;
-    for ((t, p), (low, end)) in ends {
-        if end <= low {
+    let probe: StreamConsumer = c.create()?;
+    let ends = end_offsets(&probe, &[topic.to_string()])?;
+    for (t, p) in ends.keys() {
+        let Some(mut reader) = PartitionReader::open_in(&common.kafka(), &group, &ends, t, *p)?
+        else {
             continue;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&t, p, Offset::Beginning)?;
-        reader.assign(&tpl)?;
-        loop {
-            let m = reader.recv().await?;
-            if m.offset() < end {
-                each(p, m.offset(), m.payload()).await?;
-            }
-            if m.offset() >= end - 1 {
-                break;
-            }
+        };
+        while let Some(m) = reader.next().await {
+            let m = m?;
+            each(*p, m.offset(), m.payload()).await?;
         }
     }
     Ok(())

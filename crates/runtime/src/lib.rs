@@ -10,7 +10,8 @@
 //!   processed, optionally stop at the end offsets captured at start (bounded mode), drain on
 //!   shutdown.
 //! - [`quarantine`]: where records go that cannot be processed: the dead-letter topic.
-//! - [`admin`]: topic creation from the catalogue, end offsets.
+//! - [`admin`]: topic creation from the catalogue.
+//! - [`snapshot`]: one partition read from its beginning to an end offset captured earlier.
 //! - [`shutdown`]: SIGTERM / ctrl-c as a future.
 //! - [`telemetry`]: tracing set-up (text for people, JSON for containers).
 
@@ -20,6 +21,7 @@ pub mod consumer;
 pub mod producer;
 pub mod quarantine;
 pub mod shutdown;
+pub mod snapshot;
 pub mod telemetry;
 
 pub use config::{CommonArgs, KafkaSettings};

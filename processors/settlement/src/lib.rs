@@ -41,7 +41,7 @@ use billing_domain::{
 };
 use billing_runtime::{
     CommonArgs, ProduceError, Producer, Quarantine, consumer::end_offsets, producer::Pending,
-    quarantine::Origin,
+    quarantine::Origin, snapshot::PartitionReader,
 };
 use billing_schema::{
     Bill, CodecError, DeadLetter, Decoder, Encoder, Member, Product, Registry, UsageRecord,
@@ -181,14 +181,15 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn reader(&self) -> Result<StreamConsumer, KafkaError> {
-        let mut c = self
-            .common
-            .kafka()
-            .consumer_config(&format!("{}.reader", self.group));
-        c.set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        c.create()
+    /// A reader of `topic[partition]` up to the snapshot's end, or `None` if it was empty.
+    fn snapshot(&self, topic: &str, partition: i32) -> Result<Option<PartitionReader>, KafkaError> {
+        PartitionReader::open_in(
+            &self.common.kafka(),
+            &format!("{}.reader", self.group),
+            &self.ends,
+            topic,
+            partition,
+        )
     }
 
     async fn quarantine(
@@ -206,28 +207,6 @@ impl Ctx {
     }
 }
 
-/// A reader positioned at the beginning of `topic[partition]`, with the snapshot's end, or
-/// `None` when the partition was empty in the snapshot.
-fn open_snapshot(
-    ctx: &Ctx,
-    topic: &str,
-    partition: i32,
-) -> Result<Option<(StreamConsumer, i64)>, SettlementError> {
-    let (low, end) = ctx
-        .ends
-        .get(&(topic.to_string(), partition))
-        .copied()
-        .unwrap_or((0, 0));
-    if end <= low {
-        return Ok(None);
-    }
-    let reader = ctx.reader()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-    reader.assign(&tpl)?;
-    Ok(Some((reader, end)))
-}
-
 /// Settles one partition: members, then usage, then bills; returns its summary.
 async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, SettlementError> {
     let mut s = Summary {
@@ -239,13 +218,10 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
     // Members as of the snapshot (the changelog's last value per key wins).
     let mut members: HashMap<i64, (Member, Origin)> = HashMap::new();
     let mut quarantined = 0u64;
-    if let Some((reader, end)) = open_snapshot(&ctx, &ctx.members_topic, partition)? {
-        loop {
-            let m = reader.recv().await?;
+    if let Some(mut reader) = ctx.snapshot(&ctx.members_topic, partition)? {
+        while let Some(m) = reader.next().await {
+            let m = m?;
             let offset = m.offset();
-            if offset >= end {
-                break;
-            }
             let origin = Origin {
                 topic: ctx.members_topic.clone(),
                 partition,
@@ -279,9 +255,6 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                     }
                 },
             }
-            if offset >= end - 1 {
-                break;
-            }
         }
     }
 
@@ -301,13 +274,10 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
     };
     let mut usage: HashMap<i64, Vec<(u16, i64)>> = HashMap::with_capacity(members.len());
     let month = ctx.month.to_string();
-    if let Some((reader, end)) = open_snapshot(&ctx, &ctx.usage_topic, partition)? {
-        loop {
-            let m = reader.recv().await?;
+    if let Some(mut reader) = ctx.snapshot(&ctx.usage_topic, partition)? {
+        while let Some(m) = reader.next().await {
+            let m = m?;
             let offset = m.offset();
-            if offset >= end {
-                break;
-            }
             let origin = Origin {
                 topic: ctx.usage_topic.clone(),
                 partition,
@@ -348,9 +318,6 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                 ctx.quarantine(origin, m.key(), m.payload(), &reason)
                     .await?;
                 quarantined += 1;
-            }
-            if offset >= end - 1 {
-                break;
             }
         }
     }
@@ -433,54 +400,48 @@ async fn load_products(
     quarantine: &Quarantine,
 ) -> Result<HashMap<String, Product>, SettlementError> {
     let topic = common.catalogue().name(&PRODUCTS.spec);
-    let mut c = common.kafka().consumer_config(&format!("{group}.products"));
+    let group = format!("{group}.products");
+    let mut c = common.kafka().consumer_config(&group);
     c.set("enable.auto.commit", "false");
-    let reader: StreamConsumer = c.create()?;
-    let ends = end_offsets(&reader, std::slice::from_ref(&topic))?;
+    let probe: StreamConsumer = c.create()?;
+    let ends = end_offsets(&probe, std::slice::from_ref(&topic))?;
     let decoder = Decoder::<Product>::new(registry.clone());
     let mut products = HashMap::new();
-    for ((t, p), (low, end)) in ends {
-        if end <= low {
+    for (t, p) in ends.keys() {
+        let Some(mut reader) = PartitionReader::open_in(&common.kafka(), &group, &ends, t, *p)?
+        else {
             continue;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&t, p, Offset::Beginning)?;
-        reader.assign(&tpl)?;
-        loop {
-            let m = reader.recv().await?;
-            if m.offset() < end {
-                match (m.payload(), decoder.decode(m.payload()).await) {
-                    (None, _) => {
-                        if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                            products.remove(k);
-                        }
-                    }
-                    (_, Ok(product)) => {
-                        products.insert(product.product_id.clone(), product);
-                    }
-                    (_, Err(e)) if e.is_retriable() => return Err(e.into()),
-                    (Some(payload), Err(e)) => {
-                        let origin = Origin {
-                            topic: t.clone(),
-                            partition: p,
-                            offset: m.offset(),
-                        };
-                        let now = chrono::Utc::now().timestamp_millis();
-                        quarantine
-                            .send(
-                                &origin,
-                                m.key(),
-                                Some(payload),
-                                &format!("cannot decode: {e}"),
-                                vec![],
-                                now,
-                            )
-                            .await?;
+        };
+        while let Some(m) = reader.next().await {
+            let m = m?;
+            match (m.payload(), decoder.decode(m.payload()).await) {
+                (None, _) => {
+                    if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                        products.remove(k);
                     }
                 }
-            }
-            if m.offset() >= end - 1 {
-                break;
+                (_, Ok(product)) => {
+                    products.insert(product.product_id.clone(), product);
+                }
+                (_, Err(e)) if e.is_retriable() => return Err(e.into()),
+                (Some(payload), Err(e)) => {
+                    let origin = Origin {
+                        topic: t.clone(),
+                        partition: *p,
+                        offset: m.offset(),
+                    };
+                    let now = chrono::Utc::now().timestamp_millis();
+                    quarantine
+                        .send(
+                            &origin,
+                            m.key(),
+                            Some(payload),
+                            &format!("cannot decode: {e}"),
+                            vec![],
+                            now,
+                        )
+                        .await?;
+                }
             }
         }
     }
