@@ -107,14 +107,17 @@ pub async fn reconcile(
 ) -> Result<ReconcileReport, OpsError> {
     let m = month.to_string();
     let mut conn = billing_db::connect(&common.database_url).await?;
-    let mut report = ReconcileReport::default();
-    report.bills =
+    let bills =
         diesel::sql_query("select count(*)::bigint as n from bill where billing_month = $1")
             .bind::<Text, _>(&m)
             .load::<Count>(&mut conn)
             .await?
             .pop()
             .map_or(0, |c| u64::try_from(c.n).unwrap_or(0));
+    let mut report = ReconcileReport {
+        bills,
+        ..ReconcileReport::default()
+    };
 
     // (1) Totals, VAT and the final identity, from the items.
     let bad: Vec<BadBill> = diesel::sql_query(
@@ -220,12 +223,12 @@ pub async fn reconcile(
         if quarantined.contains(&(p, offset)) {
             return Ok(());
         }
-        if let Ok(u) = usage_decoder.decode(payload).await {
-            if u.billing_month == m && validate_usage(&products, &u.product_id, u.quantity).is_ok()
-            {
-                records += 1;
-                *used.entry((u.member_id, u.product_id)).or_insert(0) += u.quantity;
-            }
+        if let Ok(u) = usage_decoder.decode(payload).await
+            && u.billing_month == m
+            && validate_usage(&products, &u.product_id, u.quantity).is_ok()
+        {
+            records += 1;
+            *used.entry((u.member_id, u.product_id)).or_insert(0) += u.quantity;
         }
         Ok(())
     })

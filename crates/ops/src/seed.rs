@@ -177,11 +177,10 @@ pub async fn seed(
                 sent[USAGE_IDX] += 1;
                 bytes += buf.len() as u64;
             }
-            if id % 1000 == 0 {
-                if let Some(p) = &progress {
+            if id % 1000 == 0
+                && let Some(p) = &progress {
                     p.inc(1000);
                 }
-            }
         }
         producer.flush(Timeout::After(Duration::from_secs(300)))?;
         if let Some(p) = &progress {

@@ -166,18 +166,18 @@ where
         if check().await {
             return Ok(());
         }
-        if let Some((name, pid)) = process {
-            if !Path::new("/proc").join(pid.to_string()).exists() {
-                let log = stack_dir()?.join(format!("{name}.log"));
-                let last = fs::read_to_string(&log)
-                    .ok()
-                    .and_then(|t| t.lines().last().map(str::to_string));
-                return Err(err(format!(
-                    "{what} exited at start: {} (log: {})",
-                    last.unwrap_or_default(),
-                    log.display()
-                )));
-            }
+        if let Some((name, pid)) = process
+            && !Path::new("/proc").join(pid.to_string()).exists()
+        {
+            let log = stack_dir()?.join(format!("{name}.log"));
+            let last = fs::read_to_string(&log)
+                .ok()
+                .and_then(|t| t.lines().last().map(str::to_string));
+            return Err(err(format!(
+                "{what} exited at start: {} (log: {})",
+                last.unwrap_or_default(),
+                log.display()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -606,22 +606,22 @@ pub async fn down(common: &CommonArgs, purge: bool) -> Result<Vec<String>, OpsEr
         for f in ["broker.db", "broker.db-wal", "broker.db-shm"] {
             let _ = fs::remove_file(dir.join(f));
         }
-        if let Ok(url) = PgUrl::parse(&common.database_url) {
-            if is_local(&url.host) {
-                let db = format!("{}_broker", url.database);
-                let port = url.port.to_string();
-                tokio::task::spawn_blocking(move || {
-                    run(&mut as_postgres(&[
-                        "dropdb",
-                        "-p",
-                        &port,
-                        "--if-exists",
-                        &db,
-                    ]))
-                })
-                .await
-                .map_err(|e| err(e.to_string()))??;
-            }
+        if let Ok(url) = PgUrl::parse(&common.database_url)
+            && is_local(&url.host)
+        {
+            let db = format!("{}_broker", url.database);
+            let port = url.port.to_string();
+            tokio::task::spawn_blocking(move || {
+                run(&mut as_postgres(&[
+                    "dropdb",
+                    "-p",
+                    &port,
+                    "--if-exists",
+                    &db,
+                ]))
+            })
+            .await
+            .map_err(|e| err(e.to_string()))??;
         }
         done.push("broker data deleted (topics and their records)".to_string());
     }

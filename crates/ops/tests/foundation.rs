@@ -64,7 +64,7 @@ async fn every_schema_round_trips_through_the_registry_and_the_broker() {
         &env,
         BILLS,
         Bill {
-            bill_id: 202_611_000_000_0042,
+            bill_id: 2_026_110_000_000_042,
             member_id: 42,
             billing_month: "2026-11".into(),
             total_amount: 75_000,

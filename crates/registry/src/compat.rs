@@ -90,19 +90,24 @@ pub fn check(level: Level, new: &Schema, existing: &[Schema]) -> Result<(), Vec<
     let targets: Vec<(usize, &Schema)> = if level.transitive() {
         existing.iter().enumerate().collect()
     } else {
-        existing.iter().enumerate().last().into_iter().collect()
+        existing
+            .iter()
+            .enumerate()
+            .next_back()
+            .into_iter()
+            .collect()
     };
     let mut problems = Vec::new();
     for (i, old) in targets {
-        if level.backward() {
-            if let Err(e) = can_read(old, new) {
-                problems.push(format!("new schema cannot read version {}: {e}", i + 1));
-            }
+        if level.backward()
+            && let Err(e) = can_read(old, new)
+        {
+            problems.push(format!("new schema cannot read version {}: {e}", i + 1));
         }
-        if level.forward() {
-            if let Err(e) = can_read(new, old) {
-                problems.push(format!("version {} cannot read the new schema: {e}", i + 1));
-            }
+        if level.forward()
+            && let Err(e) = can_read(new, old)
+        {
+            problems.push(format!("version {} cannot read the new schema: {e}", i + 1));
         }
     }
     if problems.is_empty() {
@@ -128,7 +133,7 @@ mod tests {
     fn adding_a_field_with_a_default_is_backward_compatible() {
         let v1 = s(r#"{"name":"a","type":"long"}"#);
         let v2 = s(r#"{"name":"a","type":"long"},{"name":"b","type":"string","default":""}"#);
-        assert!(check(Level::Backward, &v2, &[v1.clone()]).is_ok());
+        assert!(check(Level::Backward, &v2, std::slice::from_ref(&v1)).is_ok());
         assert!(check(Level::Full, &v2, &[v1]).is_ok());
     }
 
@@ -136,8 +141,8 @@ mod tests {
     fn adding_a_field_without_a_default_is_not() {
         let v1 = s(r#"{"name":"a","type":"long"}"#);
         let v2 = s(r#"{"name":"a","type":"long"},{"name":"b","type":"string"}"#);
-        assert!(check(Level::Backward, &v2, &[v1.clone()]).is_err());
-        assert!(check(Level::Forward, &v2, &[v1.clone()]).is_ok());
+        assert!(check(Level::Backward, &v2, std::slice::from_ref(&v1)).is_err());
+        assert!(check(Level::Forward, &v2, std::slice::from_ref(&v1)).is_ok());
         assert!(check(Level::None, &v2, &[v1]).is_ok());
     }
 

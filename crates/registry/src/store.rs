@@ -313,10 +313,10 @@ impl Store {
                             .bind::<Text, _>(&canonical)
                             .load(conn)
                             .await?;
-                    if let Some(row) = same.iter().next() {
-                        if let Some(v) = existing.iter().find(|v| v.schema_id == row.id) {
-                            return Ok(Registered { id: row.id, version: v.version, created: false });
-                        }
+                    if let Some(row) = same.as_slice().first()
+                        && let Some(v) = existing.iter().find(|v| v.schema_id == row.id)
+                    {
+                        return Ok(Registered { id: row.id, version: v.version, created: false });
                     }
                     let texts: Vec<String> = existing.iter().map(|v| v.schema_text.clone()).collect();
                     check(&texts).map_err(StoreError::Incompatible)?;

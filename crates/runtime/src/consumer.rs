@@ -214,11 +214,11 @@ struct Bounds {
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The high watermark of every partition of `topics`, with whether each is empty.
-pub fn end_offsets(
-    consumer: &impl Consumer,
-    topics: &[String],
-) -> Result<HashMap<(String, i32), (i64, i64)>, KafkaError> {
+/// (low, high) watermarks by (topic, partition).
+pub type EndOffsets = HashMap<(String, i32), (i64, i64)>;
+
+/// The low and high watermarks of every partition of `topics`.
+pub fn end_offsets(consumer: &impl Consumer, topics: &[String]) -> Result<EndOffsets, KafkaError> {
     let mut ends = HashMap::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
@@ -302,10 +302,10 @@ impl Bounds {
             if let Ok(committed) = consumer.committed(METADATA_TIMEOUT) {
                 for el in committed.elements() {
                     let key = (el.topic().to_string(), el.partition());
-                    if let (Offset::Offset(o), Some(end)) = (el.offset(), self.ends.get(&key)) {
-                        if o >= *end {
-                            self.done.insert(key);
-                        }
+                    if let (Offset::Offset(o), Some(end)) = (el.offset(), self.ends.get(&key))
+                        && o >= *end
+                    {
+                        self.done.insert(key);
                     }
                 }
             }
@@ -418,11 +418,10 @@ fn store(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64) {
     if tpl
         .add_partition_offset(topic, partition, Offset::Offset(next))
         .is_ok()
+        && let Err(e) = consumer.store_offsets(&tpl)
     {
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            // The partition was revoked meanwhile: its new owner redoes the record.
-            debug!(topic, partition, next, error = %e, "offset not stored");
-        }
+        // The partition was revoked meanwhile: its new owner redoes the record.
+        debug!(topic, partition, next, error = %e, "offset not stored");
     }
 }
 
@@ -472,10 +471,11 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     tokio::pin!(shutdown);
 
     summary.stopped_by = loop {
-        if let Some(b) = bounds.as_mut() {
-            if in_flight.is_empty() && b.finished(&consumer, &tracker) {
-                break StopReason::EndOfInput;
-            }
+        if let Some(b) = bounds.as_mut()
+            && in_flight.is_empty()
+            && b.finished(&consumer, &tracker)
+        {
+            break StopReason::EndOfInput;
         }
         tokio::select! {
             biased;
@@ -484,12 +484,11 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             msg = consumer.recv(), if in_flight.len() < config.max_in_flight => match msg {
                 Ok(m) => {
                     let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
-                    if let Some(b) = bounds.as_mut() {
-                        if b.beyond_end(&topic, partition, offset) {
+                    if let Some(b) = bounds.as_mut()
+                        && b.beyond_end(&topic, partition, offset) {
                             b.pause(&consumer, &topic, partition);
                             continue;
                         }
-                    }
                     tracker.begin(&topic, partition, offset);
                     in_flight.push(process(
                         m.detach(),

@@ -440,13 +440,12 @@ pub async fn run(
             deadline.get_or_insert_with(|| tokio::time::Instant::now() + config.linger);
             let topic = m.topic().to_string();
             let (partition, offset) = (m.partition(), m.offset());
-            if let Some(ends) = &ends {
-                if ends
+            if let Some(ends) = &ends
+                && ends
                     .get(&(topic.clone(), partition))
                     .is_none_or(|(_, high)| offset >= *high)
-                {
-                    continue;
-                }
+            {
+                continue;
             }
             count += 1;
             batch.offsets.insert((topic.clone(), partition), offset + 1);
