@@ -16,7 +16,6 @@ use billing_ops::{
 };
 use billing_runtime::Producer;
 use billing_schema::{BillItemKind, Encoder, UsageRecord, catalogue::USAGE_RECORDS};
-use billing_settlement::{SettleConfig, SettlementError};
 use billing_testkit::TestEnv;
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::RunQueryDsl;
@@ -128,19 +127,34 @@ async fn a_month_settles_to_its_rules_and_reruns_replays_and_crashes_change_noth
             .unwrap();
     }
 
-    // When a settlement run is interrupted part-way, and then the month is settled
-    let interrupted = billing_settlement::run(
-        &common,
-        SettleConfig {
-            parallelism: 1,
-            ..SettleConfig::new(month)
-        },
-        tokio::time::sleep(Duration::from_millis(1500)),
-    )
-    .await;
+    // When a settlement process is killed part-way, and then the month is settled
+    let settlement_bin =
+        std::path::Path::new(env!("CARGO_BIN_EXE_bill-sink")).with_file_name("settlement");
     assert!(
-        matches!(interrupted, Err(SettlementError::Interrupted) | Ok(_)),
-        "{interrupted:?}"
+        settlement_bin.exists(),
+        "build the workspace's binaries first (scripts/test does)"
+    );
+    let mut victim = std::process::Command::new(&settlement_bin)
+        .args(["--month", &month.to_string(), "--parallelism", "1"])
+        .env("KAFKA_BROKERS", &common.kafka_brokers)
+        .env("SCHEMA_REGISTRY_URL", &common.schema_registry_url)
+        .env("BILLING_TOPIC_PREFIX", &common.topic_prefix)
+        .env("BILLING_PARTITIONS", common.partitions.to_string())
+        .spawn()
+        .unwrap();
+    let bills_topic = env.topic(&billing_schema::catalogue::BILLS.spec);
+    for _ in 0..600 {
+        if env.record_count(&bills_topic).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let partial = env.record_count(&bills_topic).await;
+    assert!(
+        partial > 0 && partial < 300,
+        "killed mid-run with {partial} bills out"
     );
     let first = settle(&common, month).await.unwrap();
 
