@@ -18,7 +18,7 @@ use billing_schema::{
 };
 use diesel::{
     QueryableByName,
-    sql_types::{BigInt, Int4, Jsonb, Text},
+    sql_types::{BigInt, Int4, Text},
 };
 use diesel_async::RunQueryDsl;
 use rdkafka::{Message, consumer::StreamConsumer};
@@ -65,8 +65,12 @@ struct UsageItem {
     quantity: i64,
     #[diesel(sql_type = BigInt)]
     amount: i64,
-    #[diesel(sql_type = Jsonb)]
-    snapshot: serde_json::Value,
+    #[diesel(sql_type = BigInt)]
+    free_allowance: i64,
+    #[diesel(sql_type = BigInt)]
+    unit_price: i64,
+    #[diesel(sql_type = BigInt)]
+    per_units: i64,
 }
 
 #[derive(Debug, QueryableByName)]
@@ -150,7 +154,11 @@ pub async fn reconcile(
 
     // (2) Each usage item's amount from its own snapshot.
     let items: Vec<UsageItem> = diesel::sql_query(
-        "select b.member_id, i.product_id, i.quantity, i.amount, i.snapshot
+        // Only the snapshot's three numbers the rule needs: the JSON itself stays in the server.
+        "select b.member_id, i.product_id, i.quantity, i.amount,
+                coalesce((i.snapshot->>'free_allowance')::bigint, 0) as free_allowance,
+                coalesce((i.snapshot->>'unit_price')::bigint, 0) as unit_price,
+                coalesce((i.snapshot->>'per_units')::bigint, 1) as per_units
          from bill_item i join bill b on b.id = i.bill_id
          where b.billing_month = $1 and i.kind = 'charge' and i.snapshot ? 'usage_unit'",
     )
@@ -160,17 +168,7 @@ pub async fn reconcile(
     report.usage_items = items.len() as u64;
     let mut billed: HashMap<(i64, String), i64> = HashMap::with_capacity(items.len());
     for it in items {
-        let get = |k: &str| {
-            it.snapshot
-                .get(k)
-                .and_then(serde_json::Value::as_i64)
-                .unwrap_or(0)
-        };
-        let (free, price, per) = (
-            get("free_allowance"),
-            get("unit_price"),
-            get("per_units").max(1),
-        );
+        let (free, price, per) = (it.free_allowance, it.unit_price, it.per_units.max(1));
         let billable = if free < 0 {
             0
         } else {
