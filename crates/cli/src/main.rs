@@ -49,6 +49,12 @@ enum Command {
         #[arg(long)]
         month: BillingMonth,
     },
+    /// One dispatch pass: due bills outside forbidden hours become email requests.
+    Dispatch {
+        /// The instant of the pass (RFC 3339); the real clock by default.
+        #[arg(long)]
+        now: Option<chrono::DateTime<chrono::FixedOffset>>,
+    },
     /// Recompute every bill of a month from its items and the usage; exit 1 on any discrepancy.
     Reconcile {
         /// The billing month, YYYY-MM.
@@ -165,6 +171,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "  database:   {} bills, {} items; total {} won, discount {} won, VAT {} won, final {} won",
                 t.bills, t.items, t.total_amount, t.discount_amount, t.vat_amount, t.final_amount
+            );
+        }
+        Command::Dispatch { now } => {
+            let now = now.map(|n| n.with_timezone(&chrono::Utc));
+            let s = billing_ops::dispatch::dispatch(&common, now).await?;
+            let quiet = if s.quiet_hours {
+                " (system quiet hours: nothing selected)"
+            } else {
+                ""
+            };
+            println!(
+                "dispatch pass{quiet}: {} selected, {} held, {} email requests published",
+                s.selected, s.held, s.published
             );
         }
         Command::Reconcile { month, show } => {

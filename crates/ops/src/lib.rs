@@ -6,9 +6,11 @@
 //!   registry): up (idempotent), down (with purge), status.
 //! - [`seed`]: the generator onto the changelog topics.
 //! - [`settle`]: settlement, the bill sink and the dead-letter recorder for a month, bounded.
+//! - [`dispatch`]: one dispatch pass at a given instant (the operator's button).
 //! - [`reconcile`]: every bill checked against its items, its rules and the usage topic.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
+pub mod dispatch;
 pub mod reconcile;
 pub mod seed;
 pub mod settle;
@@ -36,6 +38,8 @@ pub enum OpsError {
     Sink(#[from] billing_bill_sink::SinkError),
     #[error(transparent)]
     Dlq(#[from] billing_dlq::DlqError),
+    #[error(transparent)]
+    Dispatch(#[from] billing_dispatch::DispatchError),
     #[error("database: {0}")]
     Query(#[from] diesel::result::Error),
 }
