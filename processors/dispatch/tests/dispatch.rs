@@ -20,6 +20,9 @@ fn bill_id(member: i64) -> i64 {
     2_026_100_000_000_000 + member
 }
 
+/// (member id, delivery day, do-not-disturb window).
+type MemberSpec = (i64, i32, Option<(&'static str, &'static str)>);
+
 fn pass(selected: u64, held: u64, published: u64) -> PassSummary {
     PassSummary {
         quiet_hours: false,
@@ -36,8 +39,7 @@ async fn dispatch_picks_the_right_bills_at_the_right_time_once() {
     let mut common = env.common.clone();
     common.database_url = env.database().await;
     let mut conn = billing_db::connect(&common.database_url).await.unwrap();
-    // (member, delivery day, do-not-disturb window)
-    let members: [(i64, i32, Option<(&str, &str)>); 7] = [
+    let members: [MemberSpec; 7] = [
         (1, 24, None),                     // due today
         (2, 25, None),                     // due tomorrow
         (3, 31, None),                     // day 31 in a 30-day month: the 30th
