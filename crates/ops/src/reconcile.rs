@@ -11,7 +11,10 @@
 use std::collections::{HashMap, HashSet};
 
 use billing_domain::{BillingMonth, rules::validate_usage};
-use billing_runtime::{CommonArgs, consumer::end_offsets, snapshot::PartitionReader};
+use billing_runtime::{
+    CommonArgs,
+    snapshot::{self, PartitionReader},
+};
 use billing_schema::{
     Decoder, Product, Registry, UsageRecord,
     catalogue::{PRODUCTS, USAGE_RECORDS},
@@ -21,7 +24,7 @@ use diesel::{
     sql_types::{BigInt, Int4, Text},
 };
 use diesel_async::RunQueryDsl;
-use rdkafka::{Message, consumer::StreamConsumer};
+use rdkafka::Message;
 
 use crate::OpsError;
 
@@ -87,10 +90,7 @@ where
     F: AsyncFnMut(i32, i64, Option<&[u8]>) -> Result<(), OpsError>,
 {
     let group = format!("{}reconcile-{}", common.topic_prefix, std::process::id());
-    let mut c = common.kafka().consumer_config(&group);
-    c.set("enable.auto.commit", "false");
-    let probe: StreamConsumer = c.create()?;
-    let ends = end_offsets(&probe, &[topic.to_string()])?;
+    let ends = snapshot::capture(&common.kafka(), &group, &[topic.to_string()])?;
     for (t, p) in ends.keys() {
         let Some(mut reader) = PartitionReader::open_in(&common.kafka(), &group, &ends, t, *p)?
         else {

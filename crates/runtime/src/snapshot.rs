@@ -1,8 +1,6 @@
 //! Reading one partition from its beginning up to an end offset captured earlier: the
 //! building block of bounded stages (settlement's per-partition tasks, reconcile).
 
-use std::collections::HashMap;
-
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{Consumer, StreamConsumer},
@@ -10,7 +8,23 @@ use rdkafka::{
     message::BorrowedMessage,
 };
 
-use crate::config::KafkaSettings;
+use crate::{
+    config::KafkaSettings,
+    consumer::{EndOffsets, end_offsets},
+};
+
+/// The (low, high) watermarks of every partition of `topics` now: the snapshot a bounded
+/// stage reads up to. `group` only names the client.
+pub fn capture(
+    kafka: &KafkaSettings,
+    group: &str,
+    topics: &[String],
+) -> Result<EndOffsets, KafkaError> {
+    let mut config = kafka.consumer_config(group);
+    config.set("enable.auto.commit", "false");
+    let probe: StreamConsumer = config.create()?;
+    end_offsets(&probe, topics)
+}
 
 /// A reader of `topic[partition]`, offsets `[0, end)`, outside any group's assignment.
 pub struct PartitionReader {
@@ -61,7 +75,7 @@ impl PartitionReader {
     pub fn open_in(
         kafka: &KafkaSettings,
         group: &str,
-        ends: &HashMap<(String, i32), (i64, i64)>,
+        ends: &EndOffsets,
         topic: &str,
         partition: i32,
     ) -> Result<Option<Self>, KafkaError> {

@@ -40,8 +40,11 @@ use billing_domain::{
     rules::{self, compute_bill, validate_usage},
 };
 use billing_runtime::{
-    CommonArgs, ProduceError, Producer, Quarantine, consumer::end_offsets, producer::Pending,
-    quarantine::Origin, snapshot::PartitionReader,
+    CommonArgs, ProduceError, Producer, Quarantine,
+    consumer::end_offsets,
+    producer::Pending,
+    quarantine::Origin,
+    snapshot::{self, PartitionReader},
 };
 use billing_schema::{
     Bill, CodecError, DeadLetter, Decoder, Encoder, Member, Product, Registry, UsageRecord,
@@ -401,10 +404,7 @@ async fn load_products(
 ) -> Result<HashMap<String, Product>, SettlementError> {
     let topic = common.catalogue().name(&PRODUCTS.spec);
     let group = format!("{group}.products");
-    let mut c = common.kafka().consumer_config(&group);
-    c.set("enable.auto.commit", "false");
-    let probe: StreamConsumer = c.create()?;
-    let ends = end_offsets(&probe, std::slice::from_ref(&topic))?;
+    let ends = snapshot::capture(&common.kafka(), &group, std::slice::from_ref(&topic))?;
     let decoder = Decoder::<Product>::new(registry.clone());
     let mut products = HashMap::new();
     for (t, p) in ends.keys() {
