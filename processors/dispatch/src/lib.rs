@@ -10,7 +10,7 @@
 //! 3. Members inside their own do-not-disturb window are held, not dropped: the next pass
 //!    after the window closes takes them.
 //! 4. Outbox: each selected bill gets a `dispatch` row (primary key: the bill), in one
-//!    transaction per batch; then every row not yet published (this pass's and any left by a
+//!    statement; then every row not yet published (this pass's and any left by a
 //!    crash) is published as an `EmailRequest` keyed by member id, and marked published once
 //!    the broker acknowledged it. A crash between the database and Kafka leaves unpublished
 //!    rows that the next pass publishes with the same delivery id; a crash after the broker's
@@ -24,12 +24,12 @@ use diesel::{
     QueryableByName,
     sql_types::{BigInt, Text, Timestamptz},
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 /// The processor's name.
 pub const NAME: &str = "dispatch";
-/// Bills moved into the outbox per transaction.
-const BATCH: i64 = 20_000;
+/// Outbox rows published per round trip.
+const BATCH: i64 = 50_000;
 
 /// A pass failed; nothing it did is lost (the outbox keeps unpublished rows).
 #[derive(Debug, thiserror::Error)]
@@ -142,29 +142,23 @@ pub async fn run_pass(
         summary.quiet_hours = true;
         summary.held = u64::try_from(due).unwrap_or(0);
     } else {
-        // Move the due, not-held bills into the outbox, a batch per transaction.
-        loop {
-            let moved: i64 = conn
-                .transaction::<_, diesel::result::Error, _>(async |conn: &mut AsyncPgConnection| {
-                    let rows: Vec<Count> = diesel::sql_query(format!(
-                        "with picked as (select bill_id, member_id from ({DUE}) s where not held limit {BATCH}),
-                              ins as (insert into dispatch (bill_id, delivery_id, member_id, requested_at)
-                                      select bill_id, 'email-' || bill_id, member_id, $1 from picked
-                                      on conflict (bill_id) do nothing returning 1)
-                         select count(*)::bigint as n from ins"
-                    ))
-                    .bind::<Timestamptz, _>(now)
-                    .bind::<Text, _>(&tz)
-                    .load(conn)
-                    .await?;
-                    Ok(rows.as_slice().first().map_or(0, |c| c.n))
-                })
-                .await?;
-            summary.selected += u64::try_from(moved).unwrap_or(0);
-            if moved < BATCH {
-                break;
-            }
-        }
+        // Every due, not-held bill into the outbox in one statement: re-evaluating the due set
+        // batch by batch would scan every bill once per batch.
+        let rows: Vec<Count> = diesel::sql_query(format!(
+            "with picked as (select bill_id, member_id from ({DUE}) s where not held),
+                  ins as (insert into dispatch (bill_id, delivery_id, member_id, requested_at)
+                          select bill_id, 'email-' || bill_id, member_id, $1 from picked
+                          on conflict (bill_id) do nothing returning 1)
+             select count(*)::bigint as n from ins"
+        ))
+        .bind::<Timestamptz, _>(now)
+        .bind::<Text, _>(&tz)
+        .load(&mut conn)
+        .await?;
+        summary.selected = rows
+            .as_slice()
+            .first()
+            .map_or(0, |c| u64::try_from(c.n).unwrap_or(0));
         let held: Vec<Count> = diesel::sql_query(format!(
             "select count(*)::bigint as n from ({DUE}) s where held"
         ))
@@ -196,20 +190,19 @@ pub async fn publish_outbox(
     .await?;
     let topic = catalogue.name(&EMAIL_REQUESTS.spec);
     let producer = Producer::new(&common.kafka())?;
+    // One read of everything unpublished (this pass's rows and any a crash left), then
+    // publish and mark it chunk by chunk: a chunk is marked only once the broker acknowledged it.
+    let rows: Vec<Outbox> = diesel::sql_query(
+        "select d.bill_id, d.member_id, d.delivery_id, b.billing_month, d.requested_at
+         from dispatch d join bill b on b.id = d.bill_id
+         where d.published_at is null order by d.bill_id",
+    )
+    .load(conn)
+    .await?;
     let mut published = 0u64;
-    loop {
-        let rows: Vec<Outbox> = diesel::sql_query(format!(
-            "select d.bill_id, d.member_id, d.delivery_id, b.billing_month, d.requested_at
-             from dispatch d join bill b on b.id = d.bill_id
-             where d.published_at is null order by d.bill_id limit {BATCH}"
-        ))
-        .load(conn)
-        .await?;
-        if rows.is_empty() {
-            return Ok(published);
-        }
-        let mut pending = Vec::with_capacity(rows.len());
-        for r in &rows {
+    for chunk in rows.chunks(usize::try_from(BATCH).unwrap_or(50_000)) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for r in chunk {
             let request = EmailRequest {
                 delivery_id: r.delivery_id.clone(),
                 bill_id: r.bill_id,
@@ -235,11 +228,12 @@ pub async fn publish_outbox(
         for p in pending {
             p.wait().await?;
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.bill_id).collect();
+        let ids: Vec<i64> = chunk.iter().map(|r| r.bill_id).collect();
         diesel::sql_query("update dispatch set published_at = now() where bill_id = any($1)")
             .bind::<diesel::sql_types::Array<BigInt>, _>(&ids)
             .execute(conn)
             .await?;
-        published += rows.len() as u64;
+        published += chunk.len() as u64;
     }
+    Ok(published)
 }
