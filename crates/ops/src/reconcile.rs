@@ -11,10 +11,7 @@
 use std::collections::{HashMap, HashSet};
 
 use billing_domain::{BillingMonth, rules::validate_usage};
-use billing_runtime::{
-    CommonArgs,
-    snapshot::{self, PartitionReader},
-};
+use billing_runtime::{CommonArgs, snapshot};
 use billing_schema::{
     Decoder, Product, Registry, UsageRecord,
     catalogue::{PRODUCTS, USAGE_RECORDS},
@@ -24,7 +21,7 @@ use diesel::{
     sql_types::{BigInt, Int4, Text},
 };
 use diesel_async::RunQueryDsl;
-use rdkafka::Message;
+use rdkafka::{Message, message::BorrowedMessage};
 
 use crate::OpsError;
 
@@ -84,32 +81,13 @@ struct Quarantined {
     offset: i64,
 }
 
-/// Reads every record of `topic` present now, calling `each(partition, offset, payload)`.
-async fn read_topic<F>(common: &CommonArgs, topic: &str, mut each: F) -> Result<(), OpsError>
-where
-    F: AsyncFnMut(i32, i64, Option<&[u8]>) -> Result<(), OpsError>,
-{
-    let group = format!("{}reconcile-{}", common.topic_prefix, std::process::id());
-    let ends = snapshot::capture(&common.kafka(), &group, &[topic.to_string()])?;
-    for (t, p) in ends.keys() {
-        let Some(mut reader) = PartitionReader::open_in(&common.kafka(), &group, &ends, t, *p)?
-        else {
-            continue;
-        };
-        while let Some(m) = reader.next().await {
-            let m = m?;
-            each(*p, m.offset(), m.payload()).await?;
-        }
-    }
-    Ok(())
-}
-
 /// Recomputes `month` and returns what disagrees.
 pub async fn reconcile(
     common: &CommonArgs,
     month: BillingMonth,
 ) -> Result<ReconcileReport, OpsError> {
     let m = month.to_string();
+    let group = format!("{}reconcile-{}", common.topic_prefix, std::process::id());
     let mut conn = billing_db::connect(&common.database_url).await?;
     let bills =
         diesel::sql_query("select count(*)::bigint as n from bill where billing_month = $1")
@@ -203,33 +181,39 @@ pub async fn reconcile(
     let registry = Registry::new(&common.schema_registry_url)?;
     let product_decoder = Decoder::<Product>::new(registry.clone());
     let mut products: HashMap<String, Product> = HashMap::new();
-    read_topic(
-        common,
+    snapshot::read_topic(
+        &common.kafka(),
+        &group,
         &catalogue.name(&PRODUCTS.spec),
-        async |_, _, payload| {
-            if let Ok(p) = product_decoder.decode(payload).await {
+        async |r: &BorrowedMessage<'_>| {
+            if let Ok(p) = product_decoder.decode(r.payload()).await {
                 products.insert(p.product_id.clone(), p);
             }
-            Ok(())
+            Ok::<(), OpsError>(())
         },
     )
     .await?;
     let usage_decoder = Decoder::<UsageRecord>::new(registry);
     let mut used: HashMap<(i64, String), i64> = HashMap::new();
     let mut records = 0u64;
-    read_topic(common, &usage_topic, async |p, offset, payload| {
-        if quarantined.contains(&(p, offset)) {
-            return Ok(());
-        }
-        if let Ok(u) = usage_decoder.decode(payload).await
-            && u.billing_month == m
-            && validate_usage(&products, &u.product_id, u.quantity).is_ok()
-        {
-            records += 1;
-            *used.entry((u.member_id, u.product_id)).or_insert(0) += u.quantity;
-        }
-        Ok(())
-    })
+    snapshot::read_topic(
+        &common.kafka(),
+        &group,
+        &usage_topic,
+        async |r: &BorrowedMessage<'_>| {
+            if quarantined.contains(&(r.partition(), r.offset())) {
+                return Ok::<(), OpsError>(());
+            }
+            if let Ok(u) = usage_decoder.decode(r.payload()).await
+                && u.billing_month == m
+                && validate_usage(&products, &u.product_id, u.quantity).is_ok()
+            {
+                records += 1;
+                *used.entry((u.member_id, u.product_id)).or_insert(0) += u.quantity;
+            }
+            Ok(())
+        },
+    )
     .await?;
     report.usage_records = records;
     for ((member, product), q) in &used {

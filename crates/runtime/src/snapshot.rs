@@ -101,3 +101,29 @@ impl PartitionReader {
         }
     }
 }
+
+/// Reads every record of `topic` present now (the snapshot taken at the call), partition by
+/// partition, calling `each` on each record. `group` only names the clients.
+pub async fn read_topic<E, F>(
+    kafka: &KafkaSettings,
+    group: &str,
+    topic: &str,
+    mut each: F,
+) -> Result<(), E>
+where
+    E: From<KafkaError>,
+    F: AsyncFnMut(&BorrowedMessage<'_>) -> Result<(), E>,
+{
+    let ends = capture(kafka, group, &[topic.to_string()])?;
+    let mut partitions: Vec<i32> = ends.keys().map(|(_, p)| *p).collect();
+    partitions.sort_unstable();
+    for p in partitions {
+        let Some(mut reader) = PartitionReader::open_in(kafka, group, &ends, topic, p)? else {
+            continue;
+        };
+        while let Some(m) = reader.next().await {
+            each(&m?).await?;
+        }
+    }
+    Ok(())
+}

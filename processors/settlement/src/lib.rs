@@ -55,6 +55,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{CommitMode, Consumer, StreamConsumer},
     error::KafkaError,
+    message::BorrowedMessage,
 };
 use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::{info, warn};
@@ -404,16 +405,13 @@ async fn load_products(
 ) -> Result<HashMap<String, Product>, SettlementError> {
     let topic = common.catalogue().name(&PRODUCTS.spec);
     let group = format!("{group}.products");
-    let ends = snapshot::capture(&common.kafka(), &group, std::slice::from_ref(&topic))?;
     let decoder = Decoder::<Product>::new(registry.clone());
     let mut products = HashMap::new();
-    for (t, p) in ends.keys() {
-        let Some(mut reader) = PartitionReader::open_in(&common.kafka(), &group, &ends, t, *p)?
-        else {
-            continue;
-        };
-        while let Some(m) = reader.next().await {
-            let m = m?;
+    snapshot::read_topic(
+        &common.kafka(),
+        &group,
+        &topic,
+        async |m: &BorrowedMessage<'_>| {
             match (m.payload(), decoder.decode(m.payload()).await) {
                 (None, _) => {
                     if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
@@ -423,11 +421,11 @@ async fn load_products(
                 (_, Ok(product)) => {
                     products.insert(product.product_id.clone(), product);
                 }
-                (_, Err(e)) if e.is_retriable() => return Err(e.into()),
+                (_, Err(e)) if e.is_retriable() => return Err(SettlementError::Codec(e)),
                 (Some(payload), Err(e)) => {
                     let origin = Origin {
-                        topic: t.clone(),
-                        partition: *p,
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
                         offset: m.offset(),
                     };
                     let now = chrono::Utc::now().timestamp_millis();
@@ -443,8 +441,10 @@ async fn load_products(
                         .await?;
                 }
             }
-        }
-    }
+            Ok(())
+        },
+    )
+    .await?;
     Ok(products)
 }
 
