@@ -123,53 +123,60 @@ async fn in_quiet_hours(
     Ok(rows.as_slice().first().is_some_and(|q| q.quiet))
 }
 
+/// Runs a statement over the due set (binds `$1` = now, `$2` = time zone) that returns one
+/// `count(*) as n`.
+async fn count(
+    conn: &mut AsyncPgConnection,
+    sql: String,
+    now: DateTime<Utc>,
+    tz: &str,
+) -> Result<u64, DispatchError> {
+    let rows: Vec<Count> = diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(now)
+        .bind::<Text, _>(tz)
+        .load(conn)
+        .await?;
+    Ok(rows
+        .as_slice()
+        .first()
+        .map_or(0, |c| u64::try_from(c.n).unwrap_or(0)))
+}
+
 /// One dispatch pass at `now`.
 pub async fn run_pass(
     common: &CommonArgs,
     now: DateTime<Utc>,
 ) -> Result<PassSummary, DispatchError> {
     let mut conn = billing_db::connect(&common.database_url).await?;
-    let tz = common.billing_tz.name().to_string();
+    let tz = common.billing_tz.name();
     let mut summary = PassSummary::default();
-    let counted: Vec<Count> =
-        diesel::sql_query(format!("select count(*)::bigint as n from ({DUE}) s"))
-            .bind::<Timestamptz, _>(now)
-            .bind::<Text, _>(&tz)
-            .load(&mut conn)
-            .await?;
-    let due = counted.as_slice().first().map_or(0, |c| c.n);
     if in_quiet_hours(&mut conn, now).await? {
         summary.quiet_hours = true;
-        summary.held = u64::try_from(due).unwrap_or(0);
+        summary.held = count(
+            &mut conn,
+            format!("select count(*)::bigint as n from ({DUE}) s"),
+            now,
+            tz,
+        )
+        .await?;
     } else {
         // Every due, not-held bill into the outbox in one statement: re-evaluating the due set
         // batch by batch would scan every bill once per batch.
-        let rows: Vec<Count> = diesel::sql_query(format!(
+        let insert = format!(
             "with picked as (select bill_id, member_id from ({DUE}) s where not held),
                   ins as (insert into dispatch (bill_id, delivery_id, member_id, requested_at)
                           select bill_id, 'email-' || bill_id, member_id, $1 from picked
                           on conflict (bill_id) do nothing returning 1)
              select count(*)::bigint as n from ins"
-        ))
-        .bind::<Timestamptz, _>(now)
-        .bind::<Text, _>(&tz)
-        .load(&mut conn)
+        );
+        summary.selected = count(&mut conn, insert, now, tz).await?;
+        summary.held = count(
+            &mut conn,
+            format!("select count(*)::bigint as n from ({DUE}) s where held"),
+            now,
+            tz,
+        )
         .await?;
-        summary.selected = rows
-            .as_slice()
-            .first()
-            .map_or(0, |c| u64::try_from(c.n).unwrap_or(0));
-        let held: Vec<Count> = diesel::sql_query(format!(
-            "select count(*)::bigint as n from ({DUE}) s where held"
-        ))
-        .bind::<Timestamptz, _>(now)
-        .bind::<Text, _>(&tz)
-        .load(&mut conn)
-        .await?;
-        summary.held = held
-            .as_slice()
-            .first()
-            .map_or(0, |c| u64::try_from(c.n).unwrap_or(0));
     }
     summary.published = publish_outbox(common, &mut conn).await?;
     tracing::info!(%now, quiet_hours = summary.quiet_hours, selected = summary.selected, held = summary.held, published = summary.published, "dispatch pass");
