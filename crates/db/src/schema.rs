@@ -45,10 +45,22 @@ diesel::table! {
 diesel::table! {
     dispatch (bill_id) {
         bill_id -> Int8,
-        delivery_id -> Text,
         member_id -> Int8,
         requested_at -> Timestamptz,
-        published_at -> Nullable<Timestamptz>,
+        pass_id -> Int8,
+    }
+}
+
+diesel::table! {
+    dispatch_pass (id) {
+        id -> Int8,
+        run_at -> Timestamptz,
+        trigger -> Text,
+        selected -> Int8,
+        held -> Int8,
+        published_through -> Nullable<Int8>,
+        completed_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
     }
 }
 
@@ -102,6 +114,8 @@ diesel::table! {
         member_ids -> Nullable<Array<Int8>>,
         created_at -> Timestamptz,
         fired_at -> Nullable<Timestamptz>,
+        pass_id -> Nullable<Int8>,
+        note -> Nullable<Text>,
     }
 }
 
@@ -127,12 +141,13 @@ diesel::table! {
 
 diesel::joinable!(bill_item -> bill (bill_id));
 diesel::joinable!(delivery -> bill (bill_id));
-diesel::joinable!(dispatch -> bill (bill_id));
+diesel::joinable!(dispatch -> dispatch_pass (pass_id));
 diesel::allow_tables_to_appear_in_same_query!(
     member,
     bill,
     bill_item,
     dispatch,
+    dispatch_pass,
     delivery,
     dead_letter,
     template,

@@ -6,7 +6,8 @@
 //!   registry): up (idempotent), down (with purge), status.
 //! - [`seed`]: the generator onto the changelog topics.
 //! - [`settle`]: settlement, the bill sink and the dead-letter recorder for a month, bounded.
-//! - [`dispatch`]: one dispatch pass at a given instant (the operator's button).
+//! - [`dispatch`]: one dispatch pass at a given instant (the operator's button), and
+//!   reservations.
 //! - [`reconcile`]: every bill checked against its items, its rules and the usage topic.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
@@ -42,4 +43,6 @@ pub enum OpsError {
     Dispatch(#[from] billing_dispatch::DispatchError),
     #[error("database: {0}")]
     Query(#[from] diesel::result::Error),
+    #[error("{0}")]
+    NotFound(String),
 }

@@ -21,3 +21,10 @@ pub async fn ensure(common: &CommonArgs) -> Result<Vec<(String, u32)>, OpsError>
     }
     Ok(ids)
 }
+
+/// Everything a deployment needs before processors start (`billing migrate`, the compose
+/// migration step): database migrations, catalogue topics, registered schemas.
+pub async fn migrate(common: &CommonArgs) -> Result<Vec<(String, u32)>, OpsError> {
+    billing_db::migrate(&common.database_url).await?;
+    ensure(common).await
+}

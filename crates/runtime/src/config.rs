@@ -40,6 +40,10 @@ pub struct CommonArgs {
     /// Extra librdkafka properties (`key=value`, comma-separated), e.g. SASL/TLS settings.
     #[arg(long = "kafka-property", env = "KAFKA_PROPERTIES", value_delimiter = ',', value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
+    /// Where `now` comes from: `system`, or a simulated clock `sim:<start>,<speed>,<anchor ms>`
+    /// shared by every process of a demo (see [`crate::clock`]).
+    #[arg(long, env = "BILLING_CLOCK", default_value = "system")]
+    pub clock: crate::Clock,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {

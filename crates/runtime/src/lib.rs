@@ -11,11 +11,13 @@
 //!   shutdown.
 //! - [`quarantine`]: where records go that cannot be processed: the dead-letter topic.
 //! - [`admin`]: topic creation from the catalogue.
+//! - [`clock`]: the system clock or a simulated one that separate processes agree on.
 //! - [`snapshot`]: one partition read from its beginning to an end offset captured earlier.
 //! - [`shutdown`]: SIGTERM / ctrl-c as a future.
 //! - [`telemetry`]: tracing set-up (text for people, JSON for containers).
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod producer;
@@ -24,6 +26,7 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod telemetry;
 
+pub use clock::Clock;
 pub use config::{CommonArgs, KafkaSettings};
 pub use consumer::{
     HandleError, Handler, Incoming, LoopConfig, LoopSummary, StopReason, run_consumer,

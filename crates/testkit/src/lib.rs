@@ -61,6 +61,7 @@ impl TestEnv {
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(chrono_tz::Asia::Seoul),
             topic_prefix: format!("t{}.", short_id()),
+            clock: billing_runtime::Clock::System,
             partitions,
             kafka_properties: vec![],
         };

@@ -1,37 +1,59 @@
-//! Dispatch: settled bills into email requests (issue #4, in progress: the pass, its
-//! selection and the outbox; the schedule and reservations are still to come).
+//! Dispatch: settled bills into email requests, on the member's day, outside forbidden hours,
+//! once.
+//!
+//! Consumes: PostgreSQL (`bill`, `member`, `quiet_hours`, `dispatch_reservation`).
+//! Produces: `email-requests` (an [`EmailRequest`] per bill, attempt 0, keyed by member id).
+//! Guarantee: one `dispatch` row per bill (its primary key), published at least once with the
+//! deterministic delivery id `email-<bill id>`; the email processor de-duplicates on it.
+//! Run: `dispatch` (a pass every hour and at each reservation's time), or one pass with
+//! `billing dispatch [--now RFC3339]`.
 //!
 //! A pass at instant `now` (the injected clock), in BILLING_TZ:
-//! 1. Inside the system quiet hours (`quiet_hours`, a window that may cross midnight)
-//!    nothing is selected: every due bill is held for a later pass.
-//! 2. Due bills: settled bills of month M whose member's delivery day in month M+1 (a day past
+//! 1. Passes are serialised by a PostgreSQL advisory lock, so the scheduler, the operator's
+//!    button and a reservation never publish the same rows at once.
+//! 2. Any pass left open by a crash is published first (see 5).
+//! 3. Inside the system quiet hours (`quiet_hours`, a window that may cross midnight) nothing
+//!    is selected: every due bill is held for a later pass.
+//! 4. Due bills: settled bills of month M whose member's delivery day in month M+1 (a day past
 //!    that month's end meaning its last day) is today or has passed without a dispatch
-//!    (catch-up after an outage), read with the member's current preferences from `member`.
-//! 3. Members inside their own do-not-disturb window are held, not dropped: the next pass
-//!    after the window closes takes them.
-//! 4. Outbox: each selected bill gets a `dispatch` row (primary key: the bill), in one
-//!    statement; then every row not yet published (this pass's and any left by a
-//!    crash) is published as an `EmailRequest` keyed by member id, and marked published once
-//!    the broker acknowledged it. A crash between the database and Kafka leaves unpublished
-//!    rows that the next pass publishes with the same delivery id; a crash after the broker's
-//!    acknowledgement but before the mark can repeat an event with the same delivery id, which
-//!    the email processor treats as the same delivery.
+//!    (catch-up after an outage), plus the bills in the scope of a reservation whose time has
+//!    come; read with the member's current preferences from `member`. Members inside their own
+//!    do-not-disturb window are held, not dropped: the first pass after the window takes them.
+//! 5. Outbox: one transaction records the pass (`dispatch_pass`), a `dispatch` row per
+//!    selected bill and the reservations it fired. The pass's rows are then published in
+//!    bill-id order, chunk by chunk, and after the broker acknowledged a chunk the pass's
+//!    cursor `published_through` moves to its last bill. A crash between the database and
+//!    Kafka leaves an open pass that the next pass publishes from its cursor; a crash after an
+//!    acknowledgement but before the cursor moved repeats at most one chunk, with the same
+//!    delivery ids.
+
+pub mod reservation;
+pub mod schedule;
 
 use billing_runtime::{CommonArgs, ProduceError, Producer};
 use billing_schema::{CodecError, EmailRequest, Encoder, Registry, catalogue::EMAIL_REQUESTS};
 use chrono::{DateTime, Utc};
 use diesel::{
     QueryableByName,
-    sql_types::{BigInt, Text, Timestamptz},
+    sql_types::{BigInt, Bool, Nullable, Text, Timestamptz},
 };
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+pub use reservation::{Reservation, Scope};
 
 /// The processor's name.
 pub const NAME: &str = "dispatch";
-/// Outbox rows published per round trip.
-const BATCH: i64 = 50_000;
+/// Outbox rows published between two moves of the pass's cursor.
+const CHUNK: usize = 100_000;
+/// The advisory lock key that serialises passes (`dispatch` in ASCII).
+const PASS_LOCK: i64 = 0x6469_7370_6174_6368;
 
-/// A pass failed; nothing it did is lost (the outbox keeps unpublished rows).
+/// The delivery id of a bill's email request: deterministic, so a repeat is recognisable.
+pub fn delivery_id(bill_id: i64) -> String {
+    format!("email-{bill_id}")
+}
+
+/// A pass failed; nothing it did is lost (an open pass is published by the next one).
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error(transparent)]
@@ -42,6 +64,29 @@ pub enum DispatchError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Produce(#[from] ProduceError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What started a pass (recorded on `dispatch_pass`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The processor's own schedule.
+    Schedule,
+    /// An operator's command (`billing dispatch`, the console's button).
+    Operator,
+    /// A reservation's time came.
+    Reservation,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Operator => "operator",
+            Trigger::Reservation => "reservation",
+        }
+    }
 }
 
 /// What a pass did.
@@ -55,12 +100,16 @@ pub struct PassSummary {
     pub held: u64,
     /// Email requests published (new ones and any left unpublished by an earlier pass).
     pub published: u64,
+    /// Reservations this pass fired.
+    pub reservations_fired: u64,
 }
 
 #[derive(Debug, QueryableByName)]
-struct Count {
+struct Selected {
     #[diesel(sql_type = BigInt)]
-    n: i64,
+    selected: i64,
+    #[diesel(sql_type = BigInt)]
+    held: i64,
 }
 
 #[derive(Debug, QueryableByName)]
@@ -70,46 +119,66 @@ struct Outbox {
     #[diesel(sql_type = BigInt)]
     member_id: i64,
     #[diesel(sql_type = Text)]
-    delivery_id: String,
-    #[diesel(sql_type = Text)]
     billing_month: String,
     #[diesel(sql_type = Timestamptz)]
     requested_at: DateTime<Utc>,
 }
 
+#[derive(Debug, QueryableByName)]
+struct OpenPass {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    published_through: Option<i64>,
+}
+
+#[derive(Debug, QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
 /// The due bills not yet dispatched at `$1` (now) in time zone `$2`, with whether the
-/// member's do-not-disturb window holds them (`held`).
+/// member's do-not-disturb window holds them (`held`). A bill is due on its member's delivery
+/// day of the following month (clamped to that month's last day) or any day after it, or once
+/// a reservation covering it has come (a reservation covers the bills settled by its time, of
+/// its month if it names one, of its members if it lists them).
 const DUE: &str = "
     with clock as (select ($1::timestamptz at time zone $2) as local),
+    reserved as materialized (
+      select fire_at, billing_month, member_ids from dispatch_reservation where fire_at <= $1),
     due as (
-      select b.id as bill_id, b.member_id, b.billing_month,
-             (c.local::time) as now_time, m.dnd_start, m.dnd_end,
+      select b.id as bill_id, b.member_id, (c.local::time) as now_time, m.dnd_start, m.dnd_end,
              (date_trunc('month', to_date(b.billing_month || '-01', 'YYYY-MM-DD') + interval '1 month')::date
                + (least(m.delivery_day::int,
                         extract(day from date_trunc('month', to_date(b.billing_month || '-01', 'YYYY-MM-DD') + interval '2 month')
-                                         - interval '1 day')::int) - 1)) as due_date,
-             c.local::date as today
+                                         - interval '1 day')::int) - 1)) <= c.local::date
+             or exists (select 1 from reserved r
+                        where b.settled_at <= r.fire_at
+                          and (r.billing_month is null or r.billing_month = b.billing_month)
+                          and (r.member_ids is null or b.member_id = any(r.member_ids))) as is_due
       from bill b
       join member m on m.id = b.member_id
       cross join clock c
       where not exists (select 1 from dispatch d where d.bill_id = b.id))
-    select bill_id, member_id, billing_month,
+    select bill_id, member_id,
            (dnd_start is not null and case when dnd_start <= dnd_end
                then now_time >= dnd_start and now_time < dnd_end
                else now_time >= dnd_start or now_time < dnd_end end) as held
-    from due where due_date <= today";
+    from due where is_due";
 
 #[derive(Debug, QueryableByName)]
 struct QuietNow {
-    #[diesel(sql_type = diesel::sql_types::Bool)]
+    #[diesel(sql_type = Bool)]
     quiet: bool,
 }
 
-/// Whether `now` is inside the system quiet hours.
-async fn in_quiet_hours(
+/// Whether `now` is inside the system quiet hours (the `quiet_hours` row, read in its own
+/// time zone; a window may cross midnight).
+pub async fn in_quiet_hours(
     conn: &mut AsyncPgConnection,
     now: DateTime<Utc>,
-) -> Result<bool, DispatchError> {
+) -> Result<bool, diesel::result::Error> {
     let rows: Vec<QuietNow> = diesel::sql_query(
         "select coalesce((select case when start_time <= end_time
                    then t >= start_time and t < end_time
@@ -123,124 +192,198 @@ async fn in_quiet_hours(
     Ok(rows.as_slice().first().is_some_and(|q| q.quiet))
 }
 
-/// Runs a statement over the due set (binds `$1` = now, `$2` = time zone) that returns one
-/// `count(*) as n`.
-async fn count(
-    conn: &mut AsyncPgConnection,
-    sql: String,
-    now: DateTime<Utc>,
-    tz: &str,
-) -> Result<u64, DispatchError> {
-    let rows: Vec<Count> = diesel::sql_query(sql)
-        .bind::<Timestamptz, _>(now)
-        .bind::<Text, _>(tz)
-        .load(conn)
-        .await?;
-    Ok(rows
-        .as_slice()
-        .first()
-        .map_or(0, |c| u64::try_from(c.n).unwrap_or(0)))
-}
-
 /// One dispatch pass at `now`.
 pub async fn run_pass(
     common: &CommonArgs,
     now: DateTime<Utc>,
+    trigger: Trigger,
+) -> Result<PassSummary, DispatchError> {
+    pass(common, now, trigger, false).await
+}
+
+/// A pass that stops right after its transaction committed, before anything is published:
+/// what a crash between PostgreSQL and Kafka leaves behind. For tests and drills.
+#[doc(hidden)]
+pub async fn run_pass_interrupted(
+    common: &CommonArgs,
+    now: DateTime<Utc>,
+    trigger: Trigger,
+) -> Result<PassSummary, DispatchError> {
+    pass(common, now, trigger, true).await
+}
+
+async fn pass(
+    common: &CommonArgs,
+    now: DateTime<Utc>,
+    trigger: Trigger,
+    interrupt: bool,
 ) -> Result<PassSummary, DispatchError> {
     let mut conn = billing_db::connect(&common.database_url).await?;
-    let tz = common.billing_tz.name();
-    let mut summary = PassSummary::default();
-    if in_quiet_hours(&mut conn, now).await? {
-        summary.quiet_hours = true;
-        summary.held = count(
-            &mut conn,
-            format!("select count(*)::bigint as n from ({DUE}) s"),
-            now,
-            tz,
-        )
+    // Session-level: released when this connection closes, even if the pass fails.
+    diesel::sql_query("select pg_advisory_lock($1)")
+        .bind::<BigInt, _>(PASS_LOCK)
+        .execute(&mut conn)
         .await?;
-    } else {
-        // Every due, not-held bill into the outbox in one statement: re-evaluating the due set
-        // batch by batch would scan every bill once per batch.
-        let insert = format!(
-            "with picked as (select bill_id, member_id from ({DUE}) s where not held),
-                  ins as (insert into dispatch (bill_id, delivery_id, member_id, requested_at)
-                          select bill_id, 'email-' || bill_id, member_id, $1 from picked
-                          on conflict (bill_id) do nothing returning 1)
-             select count(*)::bigint as n from ins"
-        );
-        summary.selected = count(&mut conn, insert, now, tz).await?;
-        summary.held = count(
-            &mut conn,
-            format!("select count(*)::bigint as n from ({DUE}) s where held"),
-            now,
-            tz,
-        )
+    let publisher = Publisher::new(common).await?;
+    let mut summary = PassSummary {
+        published: publisher.publish_open(&mut conn).await?,
+        ..PassSummary::default()
+    };
+
+    let tz = common.billing_tz.name().to_string();
+    let quiet = in_quiet_hours(&mut conn, now).await?;
+    summary.quiet_hours = quiet;
+    let (selected, held, fired) = conn
+        .transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
+            let pass: Vec<Id> = diesel::sql_query(
+                "insert into dispatch_pass (run_at, trigger) values ($1, $2) returning id",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<Text, _>(trigger.as_str())
+            .load(conn)
+            .await?;
+            let pass_id = pass.as_slice().first().map_or(0, |p| p.id);
+            // One evaluation of the due set: inserting the not-held bills and counting the held
+            // ones in the same statement (each evaluation scans every undispatched bill).
+            let counts: Vec<Selected> = diesel::sql_query(format!(
+                "with d as materialized ({DUE}),
+                      ins as (insert into dispatch (bill_id, member_id, requested_at, pass_id)
+                              select bill_id, member_id, $1, $3 from d where not held and not $4
+                              on conflict (bill_id) do nothing returning 1)
+                 select (select count(*) from ins)::bigint as selected,
+                        (select count(*) from d where held or $4)::bigint as held"
+            ))
+            .bind::<Timestamptz, _>(now)
+            .bind::<Text, _>(&tz)
+            .bind::<BigInt, _>(pass_id)
+            .bind::<Bool, _>(quiet)
+            .load(conn)
+            .await?;
+            let (selected, held) = counts
+                .as_slice()
+                .first()
+                .map_or((0, 0), |c| (c.selected, c.held));
+            diesel::sql_query(
+                "update dispatch_pass set selected = $2, held = $3,
+                        completed_at = case when $2 = 0 then now() end where id = $1",
+            )
+            .bind::<BigInt, _>(pass_id)
+            .bind::<BigInt, _>(selected)
+            .bind::<BigInt, _>(held)
+            .execute(conn)
+            .await?;
+            let fired = diesel::sql_query(
+                "update dispatch_reservation set fired_at = $1, pass_id = $2
+                 where fired_at is null and fire_at <= $1",
+            )
+            .bind::<Timestamptz, _>(now)
+            .bind::<BigInt, _>(pass_id)
+            .execute(conn)
+            .await?;
+            Ok((selected, held, fired))
+        })
         .await?;
+    summary.selected = u64::try_from(selected).unwrap_or(0);
+    summary.held = u64::try_from(held).unwrap_or(0);
+    summary.reservations_fired = fired as u64;
+    if interrupt {
+        return Ok(summary);
     }
-    summary.published = publish_outbox(common, &mut conn).await?;
-    tracing::info!(%now, quiet_hours = summary.quiet_hours, selected = summary.selected, held = summary.held, published = summary.published, "dispatch pass");
+    summary.published += publisher.publish_open(&mut conn).await?;
+    tracing::info!(%now, trigger = trigger.as_str(), quiet_hours = summary.quiet_hours,
+        selected = summary.selected, held = summary.held, published = summary.published,
+        reservations_fired = summary.reservations_fired, "dispatch pass");
     Ok(summary)
 }
 
-/// Publishes every outbox row not yet published; returns how many.
-pub async fn publish_outbox(
-    common: &CommonArgs,
-    conn: &mut AsyncPgConnection,
-) -> Result<u64, DispatchError> {
-    let catalogue = common.catalogue();
-    let registry = Registry::new(&common.schema_registry_url)?;
-    let encoder = Encoder::<EmailRequest>::register(
-        &registry,
-        &catalogue.value_subject(&EMAIL_REQUESTS.spec),
-    )
-    .await?;
-    let topic = catalogue.name(&EMAIL_REQUESTS.spec);
-    let producer = Producer::new(&common.kafka())?;
-    // One read of everything unpublished (this pass's rows and any a crash left), then
-    // publish and mark it chunk by chunk: a chunk is marked only once the broker acknowledged it.
-    let rows: Vec<Outbox> = diesel::sql_query(
-        "select d.bill_id, d.member_id, d.delivery_id, b.billing_month, d.requested_at
-         from dispatch d join bill b on b.id = d.bill_id
-         where d.published_at is null order by d.bill_id",
-    )
-    .load(conn)
-    .await?;
-    let mut published = 0u64;
-    for chunk in rows.chunks(usize::try_from(BATCH).unwrap_or(50_000)) {
-        let mut pending = Vec::with_capacity(chunk.len());
-        for r in chunk {
-            let request = EmailRequest {
-                delivery_id: r.delivery_id.clone(),
-                bill_id: r.bill_id,
-                member_id: r.member_id,
-                billing_month: r.billing_month.clone(),
-                attempt: 0,
-                requested_at: r.requested_at.timestamp_millis(),
-                not_before: None,
-                last_error: None,
-            };
-            let key = r.member_id.to_string();
-            pending.push(
-                producer
-                    .enqueue(
-                        &topic,
-                        Some(key.as_bytes()),
-                        Some(&encoder.encode(&request)?),
-                        None,
-                    )
-                    .await?,
-            );
+/// Publishes outbox rows and moves each pass's cursor.
+struct Publisher {
+    producer: Producer,
+    encoder: Encoder<EmailRequest>,
+    topic: String,
+}
+
+impl Publisher {
+    async fn new(common: &CommonArgs) -> Result<Self, DispatchError> {
+        let catalogue = common.catalogue();
+        let registry = Registry::new(&common.schema_registry_url)?;
+        let encoder = Encoder::<EmailRequest>::register(
+            &registry,
+            &catalogue.value_subject(&EMAIL_REQUESTS.spec),
+        )
+        .await?;
+        Ok(Publisher {
+            producer: Producer::new(&common.kafka())?,
+            encoder,
+            topic: catalogue.name(&EMAIL_REQUESTS.spec),
+        })
+    }
+
+    /// Publishes every open pass from its cursor, oldest first; returns how many requests.
+    async fn publish_open(&self, conn: &mut AsyncPgConnection) -> Result<u64, DispatchError> {
+        let open: Vec<OpenPass> = diesel::sql_query(
+            "select id, published_through from dispatch_pass where completed_at is null order by id",
+        )
+        .load(conn)
+        .await?;
+        let mut published = 0;
+        for pass in open {
+            published += self.publish_pass(conn, &pass).await?;
         }
-        for p in pending {
-            p.wait().await?;
+        Ok(published)
+    }
+
+    async fn publish_pass(
+        &self,
+        conn: &mut AsyncPgConnection,
+        pass: &OpenPass,
+    ) -> Result<u64, DispatchError> {
+        let rows: Vec<Outbox> = diesel::sql_query(
+            "select d.bill_id, d.member_id, b.billing_month, d.requested_at
+             from dispatch d join bill b on b.id = d.bill_id
+             where d.pass_id = $1 and d.bill_id > $2 order by d.bill_id",
+        )
+        .bind::<BigInt, _>(pass.id)
+        .bind::<BigInt, _>(pass.published_through.unwrap_or(i64::MIN))
+        .load(conn)
+        .await?;
+        let mut published = 0u64;
+        for chunk in rows.chunks(CHUNK) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for r in chunk {
+                let request = EmailRequest {
+                    delivery_id: delivery_id(r.bill_id),
+                    bill_id: r.bill_id,
+                    member_id: r.member_id,
+                    billing_month: r.billing_month.clone(),
+                    attempt: 0,
+                    requested_at: r.requested_at.timestamp_millis(),
+                    not_before: None,
+                    last_error: None,
+                };
+                let key = r.member_id.to_string();
+                let payload = self.encoder.encode(&request)?;
+                pending.push(
+                    self.producer
+                        .enqueue(&self.topic, Some(key.as_bytes()), Some(&payload), None)
+                        .await?,
+                );
+            }
+            for p in pending {
+                p.wait().await?;
+            }
+            let last = chunk.last().map_or(i64::MIN, |r| r.bill_id);
+            diesel::sql_query("update dispatch_pass set published_through = $2 where id = $1")
+                .bind::<BigInt, _>(pass.id)
+                .bind::<BigInt, _>(last)
+                .execute(conn)
+                .await?;
+            published += chunk.len() as u64;
         }
-        let ids: Vec<i64> = chunk.iter().map(|r| r.bill_id).collect();
-        diesel::sql_query("update dispatch set published_at = now() where bill_id = any($1)")
-            .bind::<diesel::sql_types::Array<BigInt>, _>(&ids)
+        diesel::sql_query("update dispatch_pass set completed_at = now() where id = $1")
+            .bind::<BigInt, _>(pass.id)
             .execute(conn)
             .await?;
-        published += chunk.len() as u64;
+        Ok(published)
     }
-    Ok(published)
 }

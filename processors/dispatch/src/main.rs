@@ -1,4 +1,5 @@
-//! `dispatch`: a dispatch pass every `--interval` (hourly by default). See the crate docs.
+//! `dispatch`: a pass at start, then on every interval of the clock (hourly by default) and at
+//! every reservation's time. See the crate docs.
 
 use std::time::Duration;
 
@@ -13,9 +14,12 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     common: billing_runtime::CommonArgs,
-    /// Seconds between passes.
-    #[arg(long, env = "DISPATCH_INTERVAL_SECS", default_value_t = 3600)]
+    /// Clock seconds between scheduled passes (passes fall on multiples of it).
+    #[arg(long, env = "DISPATCH_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
+    /// Real milliseconds between looks for new reservations (and before retrying a failed pass).
+    #[arg(long, env = "DISPATCH_POLL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..))]
+    poll_ms: u64,
 }
 
 #[tokio::main]
@@ -23,18 +27,16 @@ async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
     billing_db::migrate(&cli.common.database_url).await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(cli.interval.max(1)));
-    let shutdown = billing_runtime::shutdown::signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            _ = tick.tick() => {
-                // A failed pass loses nothing (the outbox keeps its rows): the next one retries.
-                if let Err(e) = billing_dispatch::run_pass(&cli.common, chrono::Utc::now()).await {
-                    tracing::warn!(error = %e, "dispatch pass failed");
-                }
-            }
-        }
-    }
+    let config = billing_dispatch::schedule::ScheduleConfig {
+        interval: chrono::Duration::seconds(i64::try_from(cli.interval)?),
+        poll: Duration::from_millis(cli.poll_ms),
+    };
+    let summary = billing_dispatch::schedule::run(
+        &cli.common,
+        &config,
+        billing_runtime::shutdown::signal(),
+    )
+    .await?;
+    tracing::info!(passes = summary.passes, failed = summary.failed_passes, published = summary.published, "dispatch stopped");
+    Ok(())
 }

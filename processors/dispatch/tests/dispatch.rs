@@ -3,11 +3,14 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use billing_dispatch::{PassSummary, run_pass};
+use billing_dispatch::{
+    PassSummary, Scope, Trigger, reservation, run_pass, run_pass_interrupted,
+};
 use billing_schema::{Decoder, EmailRequest, catalogue::EMAIL_REQUESTS};
 use billing_testkit::TestEnv;
 use chrono::{DateTime, Utc};
-use diesel_async::SimpleAsyncConnection;
+use diesel::{QueryableByName, sql_types::Text};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
 /// An instant given in Korea's local time (UTC+9).
 fn kst(s: &str) -> DateTime<Utc> {
@@ -29,7 +32,14 @@ fn pass(selected: u64, held: u64, published: u64) -> PassSummary {
         selected,
         held,
         published,
+        reservations_fired: 0,
     }
+}
+
+#[derive(QueryableByName)]
+struct TriggerRow {
+    #[diesel(sql_type = Text)]
+    trigger: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,14 +49,15 @@ async fn dispatch_picks_the_right_bills_at_the_right_time_once() {
     let mut common = env.common.clone();
     common.database_url = env.database().await;
     let mut conn = billing_db::connect(&common.database_url).await.unwrap();
-    let members: [MemberSpec; 7] = [
+    let members: [MemberSpec; 8] = [
         (1, 24, None),                     // due today
         (2, 25, None),                     // due tomorrow
         (3, 31, None),                     // day 31 in a 30-day month: the 30th
         (4, 10, None),                     // day passed without a dispatch: caught up
         (5, 24, Some(("22:00", "09:30"))), // window crossing midnight
         (6, 24, Some(("09:00", "12:00"))), // window within the day
-        (7, 24, None),                     // its outbox row is left by a crash
+        (8, 28, None),                     // sent early by a reservation
+        (9, 28, Some(("12:00", "14:00"))), // in the reservation, but in its window then
     ];
     let mut sql = String::new();
     for (id, day, dnd) in members {
@@ -61,63 +72,127 @@ async fn dispatch_picks_the_right_bills_at_the_right_time_once() {
         );
     }
     conn.batch_execute(&sql).await.unwrap();
-    // The crash: the outbox row of member 7 was committed, the event never sent.
-    conn.batch_execute(&format!(
-        "insert into dispatch (bill_id, delivery_id, member_id, requested_at) values ({}, 'email-{}', 7, now())",
-        bill_id(7),
-        bill_id(7)
-    ))
-    .await
-    .unwrap();
 
-    // When passes run inside the system quiet hours (21:00-08:00 by default)
-    let quiet = run_pass(&common, kst("2026-11-24T06:00:00")).await.unwrap();
-    // Then nothing new is selected and the due bills are held; the crash's row goes out
+    // When a pass runs inside the system quiet hours (21:00-08:00 by default)
+    let quiet = run_pass(&common, kst("2026-11-24T06:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
+    // Then nothing is selected and the four due bills are held
     assert_eq!(
         quiet,
         PassSummary {
             quiet_hours: true,
-            selected: 0,
             held: 4,
-            published: 1
+            ..PassSummary::default()
         }
     );
 
-    // When the operator moves quiet hours to 02:00-05:00 and passes run through the day
+    // When the operator moves quiet hours to 02:00-05:00, and the process dies at nine
+    // between committing its outbox rows and publishing them
     conn.batch_execute(
         "update quiet_hours set start_time = '02:00', end_time = '05:00' where id = 1",
     )
     .await
     .unwrap();
-    let at_nine = run_pass(&common, kst("2026-11-24T09:00:00")).await.unwrap();
-    let again = run_pass(&common, kst("2026-11-24T09:00:00")).await.unwrap();
-    let at_ten = run_pass(&common, kst("2026-11-24T10:00:00")).await.unwrap();
-    let after_noon = run_pass(&common, kst("2026-11-24T12:30:00")).await.unwrap();
-    let on_the_30th = run_pass(&common, kst("2026-11-30T10:00:00")).await.unwrap();
-    let later = run_pass(&common, kst("2026-12-01T10:00:00")).await.unwrap();
-
-    // Then members 1 and 4 go at nine, 5 and 6 wait for their windows to close
-    assert_eq!(at_nine, pass(2, 2, 2));
-    assert_eq!(
-        again,
-        pass(0, 2, 0),
-        "a second pass at the same instant publishes nothing"
-    );
+    let crashed = run_pass_interrupted(&common, kst("2026-11-24T09:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
+    let restarted = run_pass(&common, kst("2026-11-24T09:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
+    let again = run_pass(&common, kst("2026-11-24T09:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
+    // Then members 1 and 4 are selected once and published by the pass after the crash, 5
+    // and 6 wait for their windows, and a second pass at the same instant publishes nothing
+    assert_eq!(crashed, pass(2, 2, 0));
+    assert_eq!(restarted, pass(0, 2, 2));
+    assert_eq!(again, pass(0, 2, 0));
+    let at_ten = run_pass(&common, kst("2026-11-24T10:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
     assert_eq!(
         at_ten,
         pass(1, 1, 1),
         "the window crossing midnight closed at 09:30"
     );
-    assert_eq!(after_noon, pass(1, 0, 1));
+
+    // When the operator reserves members 8 and 9 for noon, and the next passes run
+    let reserved = reservation::reserve(
+        &mut conn,
+        kst("2026-11-24T12:00:00"),
+        Scope {
+            billing_month: None,
+            member_ids: Some(vec![8, 9]),
+        },
+        Some("customer asked".into()),
+    )
+    .await
+    .unwrap();
+    let before_noon = run_pass(&common, kst("2026-11-24T11:59:00"), Trigger::Schedule)
+        .await
+        .unwrap();
+    let fired = run_pass(&common, kst("2026-11-24T12:30:00"), Trigger::Reservation)
+        .await
+        .unwrap();
+    let by_operator = billing_ops::dispatch::dispatch(&common, Some(kst("2026-11-24T14:30:00")))
+        .await
+        .unwrap();
+    // Then it fires once, at the first pass after noon: member 8 goes with member 6 (whose
+    // window closed at noon), member 9 waits for the end of its window
+    assert_eq!(before_noon, pass(0, 1, 0));
+    assert_eq!(
+        fired,
+        PassSummary {
+            reservations_fired: 1,
+            ..pass(2, 1, 2)
+        }
+    );
+    assert_eq!(by_operator, pass(1, 0, 1), "member 9 after 14:00");
+    let all = reservation::list(&mut conn, true).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].id, reserved.id);
+    assert_eq!(all[0].fired_at, Some(kst("2026-11-24T12:30:00")));
+    assert!(reservation::list(&mut conn, false).await.unwrap().is_empty());
+
     // And day 25 is caught up on the 30th, with day 31 going out on the 30th too
+    let on_the_30th = run_pass(&common, kst("2026-11-30T10:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
+    let later = run_pass(&common, kst("2026-12-01T10:00:00"), Trigger::Schedule)
+        .await
+        .unwrap();
     assert_eq!(on_the_30th, pass(2, 0, 2));
     assert_eq!(later, pass(0, 0, 0));
 
+    // And every pass is on record with its trigger
+    let triggers: Vec<TriggerRow> =
+        diesel::sql_query("select trigger from dispatch_pass order by id")
+            .load(&mut conn)
+            .await
+            .unwrap();
+    let triggers: Vec<&str> = triggers.iter().map(|t| t.trigger.as_str()).collect();
+    assert_eq!(
+        triggers,
+        [
+            "schedule",
+            "schedule",
+            "schedule",
+            "schedule",
+            "schedule",
+            "schedule",
+            "reservation",
+            "operator",
+            "schedule",
+            "schedule"
+        ]
+    );
+
     // And the topic holds exactly one request per bill
-    let read = env
-        .read(&env.topic(&EMAIL_REQUESTS.spec), 8, Duration::from_secs(10))
-        .await;
-    assert_eq!(read.len(), 7);
+    let topic = env.topic(&EMAIL_REQUESTS.spec);
+    assert_eq!(env.record_count(&topic).await, 8);
+    let read = env.read(&topic, 8, Duration::from_secs(10)).await;
+    assert_eq!(read.len(), 8);
     let decoder = Decoder::<EmailRequest>::new(env.registry.clone());
     let mut bills = HashSet::new();
     for r in &read {
@@ -131,5 +206,8 @@ async fn dispatch_picks_the_right_bills_at_the_right_time_once() {
             req.bill_id
         );
     }
-    assert_eq!(bills, (1..=7).map(bill_id).collect());
+    assert_eq!(
+        bills,
+        members.iter().map(|(id, _, _)| bill_id(*id)).collect()
+    );
 }
