@@ -11,7 +11,7 @@ case $port in
   '' | *[!0-9]*) echo "healthcheck: cannot read a port from METRICS_ADDR=$addr" >&2; exit 1 ;;
 esac
 
-if ! exec 3<>"/dev/tcp/127.0.0.1/$port"; then
+if ! { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
   echo "healthcheck: nothing listens on 127.0.0.1:$port" >&2
   exit 1
 fi
@@ -22,6 +22,8 @@ if ! IFS= read -r -t 3 status <&3; then
   echo "healthcheck: no answer from 127.0.0.1:$port/health" >&2
   exit 1
 fi
+# Read the rest of the answer so the server is not reset mid-write.
+while IFS= read -r -t 2 _ <&3; do :; done || true
 exec 3<&-
 
 case $status in

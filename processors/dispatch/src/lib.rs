@@ -145,19 +145,24 @@ struct Id {
 /// its month if it names one, of its members if it lists them).
 const DUE: &str = "
     with clock as (select ($1::timestamptz at time zone $2) as local),
+    -- per month, not per bill: the first day of the delivery month and its length
+    months as materialized (
+      select billing_month,
+             (to_date(billing_month || '-01', 'YYYY-MM-DD') + interval '1 month')::date as next_start,
+             extract(day from to_date(billing_month || '-01', 'YYYY-MM-DD') + interval '2 month'
+                              - interval '1 day')::int as next_days
+      from (select distinct billing_month from bill) x),
     reserved as materialized (
       select fire_at, billing_month, member_ids from dispatch_reservation where fire_at <= $1),
     due as (
       select b.id as bill_id, b.member_id, (c.local::time) as now_time, m.dnd_start, m.dnd_end,
-             (date_trunc('month', to_date(b.billing_month || '-01', 'YYYY-MM-DD') + interval '1 month')::date
-               + (least(m.delivery_day::int,
-                        extract(day from date_trunc('month', to_date(b.billing_month || '-01', 'YYYY-MM-DD') + interval '2 month')
-                                         - interval '1 day')::int) - 1)) <= c.local::date
+             least(m.delivery_day::int, mo.next_days) <= (c.local::date - mo.next_start) + 1
              or exists (select 1 from reserved r
                         where b.settled_at <= r.fire_at
                           and (r.billing_month is null or r.billing_month = b.billing_month)
                           and (r.member_ids is null or b.member_id = any(r.member_ids))) as is_due
       from bill b
+      join months mo on mo.billing_month = b.billing_month
       join member m on m.id = b.member_id
       cross join clock c
       where not exists (select 1 from dispatch d where d.bill_id = b.id))
@@ -224,6 +229,11 @@ async fn pass(
         .bind::<BigInt, _>(PASS_LOCK)
         .execute(&mut conn)
         .await?;
+    // The due set and the outbox read join a million bills with a million members or
+    // dispatch rows: in the default 4 MB their hash joins spill to disk.
+    diesel::sql_query("set work_mem = '64MB'")
+        .execute(&mut conn)
+        .await?;
     let publisher = Publisher::new(common).await?;
     let mut summary = PassSummary {
         published: publisher.publish_open(&mut conn).await?,
@@ -233,6 +243,7 @@ async fn pass(
     let tz = common.billing_tz.name().to_string();
     let quiet = in_quiet_hours(&mut conn, now).await?;
     summary.quiet_hours = quiet;
+    let started = std::time::Instant::now();
     let (selected, held, fired) = conn
         .transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
             let pass: Vec<Id> = diesel::sql_query(
@@ -244,12 +255,14 @@ async fn pass(
             .await?;
             let pass_id = pass.as_slice().first().map_or(0, |p| p.id);
             // One evaluation of the due set: inserting the not-held bills and counting the held
-            // ones in the same statement (each evaluation scans every undispatched bill).
+            // ones in the same statement (each evaluation scans every undispatched bill). No
+            // `on conflict`: the advisory lock keeps passes apart and the due set excludes
+            // dispatched bills, so a conflict would be a bug, and it fails the transaction.
             let counts: Vec<Selected> = diesel::sql_query(format!(
                 "with d as materialized ({DUE}),
                       ins as (insert into dispatch (bill_id, member_id, requested_at, pass_id)
                               select bill_id, member_id, $1, $3 from d where not held and not $4
-                              on conflict (bill_id) do nothing returning 1)
+                              returning 1)
                  select (select count(*) from ins)::bigint as selected,
                         (select count(*) from d where held or $4)::bigint as held"
             ))
@@ -289,8 +302,10 @@ async fn pass(
     if interrupt {
         return Ok(summary);
     }
+    let select_ms = started.elapsed().as_millis();
     summary.published += publisher.publish_open(&mut conn).await?;
-    tracing::info!(%now, trigger = trigger.as_str(), quiet_hours = summary.quiet_hours,
+    tracing::info!(%now, trigger = trigger.as_str(), quiet_hours = summary.quiet_hours, select_ms,
+        publish_ms = started.elapsed().as_millis() - select_ms,
         selected = summary.selected, held = summary.held, published = summary.published,
         reservations_fired = summary.reservations_fired, "dispatch pass");
     Ok(summary)
