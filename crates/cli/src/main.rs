@@ -60,6 +60,16 @@ enum Command {
         #[command(subcommand)]
         action: ReservationAction,
     },
+    /// Email and SMS templates: versions, activation (validated), previews with a real bill.
+    Template {
+        #[command(subcommand)]
+        action: TemplateAction,
+    },
+    /// Dead letters: what could not be processed or delivered.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Apply the database migrations, create the catalogue topics and register their schemas.
     Migrate,
     /// Recompute every bill of a month from its items and the usage; exit 1 on any discrepancy.
@@ -97,6 +107,62 @@ enum ReservationAction {
     },
     /// Cancel a reservation that has not fired.
     Cancel { id: i64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateAction {
+    /// Every version of every template.
+    List,
+    /// One version, whole.
+    Show { id: i64 },
+    /// Store a new inactive version (the next number for its name).
+    Create {
+        /// email or sms.
+        #[arg(long)]
+        channel: String,
+        #[arg(long)]
+        name: String,
+        /// The email subject (placeholders allowed).
+        #[arg(long)]
+        subject: Option<String>,
+        /// The body, plain text with {{placeholders}}; blank lines separate paragraphs.
+        #[arg(long, conflicts_with = "body_file", required_unless_present = "body_file")]
+        body: Option<String>,
+        /// Read the body from a file.
+        #[arg(long)]
+        body_file: Option<std::path::PathBuf>,
+    },
+    /// Validate a version's placeholders and make it its channel's active template.
+    Activate { id: i64 },
+    /// Render a version with a real bill.
+    Preview {
+        id: i64,
+        /// The bill to render (the first bill by default).
+        #[arg(long)]
+        bill: Option<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Dead letters, newest first.
+    List {
+        /// Only this stage (email, sms, undeliverable, bill-sink, ...).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Replayed letters too.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Send letters again to their source topics (all unreplayed ones without --id).
+    Replay {
+        #[arg(long = "id", value_delimiter = ',')]
+        ids: Vec<i64>,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,6 +322,73 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ReservationAction::Cancel { id } => {
                 billing_ops::dispatch::cancel_reservation(&common, id).await?;
                 println!("reservation {id} cancelled");
+            }
+        },
+        Command::Template { action } => match action {
+            TemplateAction::List => {
+                println!("{:>5}  {:6}  {:20}  {:>7}  {:6}  created", "id", "chan", "name", "version", "active");
+                for t in billing_ops::templates::list(&common).await? {
+                    println!(
+                        "{:>5}  {:6}  {:20}  {:>7}  {:6}  {}",
+                        t.id, t.channel, t.name, t.version, if t.active { "yes" } else { "" },
+                        t.created_at.with_timezone(&common.billing_tz).format("%Y-%m-%d %H:%M")
+                    );
+                }
+            }
+            TemplateAction::Show { id } => {
+                let t = billing_ops::templates::show(&common, id).await?;
+                println!("template {} ({} {} v{}{})", t.id, t.channel, t.name, t.version, if t.active { ", active" } else { "" });
+                if let Some(s) = &t.subject {
+                    println!("subject: {s}");
+                }
+                println!("{}", t.body);
+            }
+            TemplateAction::Create { channel, name, subject, body, body_file } => {
+                let body = match (body, body_file) {
+                    (Some(b), _) => b,
+                    (None, Some(f)) => std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
+                    (None, None) => anyhow::bail!("a body is needed"),
+                };
+                let t = billing_ops::templates::create(&common, &channel, &name, subject.as_deref(), &body).await?;
+                println!("created template {} ({} {} v{}), inactive", t.id, t.channel, t.name, t.version);
+            }
+            TemplateAction::Activate { id } => {
+                let t = billing_ops::templates::activate(&common, id).await?;
+                println!("template {} ({} {} v{}) is now the active {} template", t.id, t.channel, t.name, t.version, t.channel);
+            }
+            TemplateAction::Preview { id, bill } => {
+                let (subject, body) = billing_ops::templates::preview(&common, id, bill).await?;
+                if let Some(s) = subject {
+                    println!("Subject: {s}\n");
+                }
+                println!("{body}");
+            }
+        },
+        Command::Dlq { action } => match action {
+            DlqAction::List { stage, all, limit } => {
+                let filter = billing_ops::dlq::Filter { stage, include_replayed: all, limit };
+                let letters = billing_ops::dlq::list(&common, &filter).await?;
+                println!("{:>7}  {:14}  {:32}  {:>9}  {:20}  reason", "id", "stage", "source", "offset", "recorded");
+                for l in &letters {
+                    println!(
+                        "{:>7}  {:14}  {:32}  {:>9}  {:20}  {}{}",
+                        l.id, l.stage, format!("{}[{}]", l.source_topic, l.source_partition), l.source_offset,
+                        l.created_at.with_timezone(&common.billing_tz).format("%Y-%m-%d %H:%M:%S"),
+                        l.reason,
+                        if l.replayed_at.is_some() { " (replayed)" } else { "" }
+                    );
+                    if let Some(a) = l.attempts.as_array().filter(|a| !a.is_empty()) {
+                        for attempt in a {
+                            println!("{:>9}- {}", "", attempt.as_str().unwrap_or_default());
+                        }
+                    }
+                }
+                println!("{} letters", letters.len());
+            }
+            DlqAction::Replay { ids, limit } => {
+                let done = billing_ops::dlq::replay(&common, &ids, limit).await?;
+                println!("replayed {} dead letters", done.len());
             }
         },
         Command::Migrate => {

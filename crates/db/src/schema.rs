@@ -73,6 +73,7 @@ diesel::table! {
         sent_at -> Nullable<Timestamptz>,
         last_error -> Nullable<Text>,
         updated_at -> Timestamptz,
+        template_version -> Nullable<Int4>,
     }
 }
 
@@ -141,6 +142,16 @@ diesel::table! {
 
 diesel::joinable!(bill_item -> bill (bill_id));
 diesel::joinable!(delivery -> bill (bill_id));
+diesel::table! {
+    gateway_mailbox (channel, idempotency_key) {
+        channel -> Text,
+        idempotency_key -> Text,
+        address -> Text,
+        accepted_at -> Timestamptz,
+        resubmissions -> Int4,
+    }
+}
+
 diesel::joinable!(dispatch -> dispatch_pass (pass_id));
 diesel::allow_tables_to_appear_in_same_query!(
     member,
@@ -148,6 +159,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     bill_item,
     dispatch,
     dispatch_pass,
+    gateway_mailbox,
     delivery,
     dead_letter,
     template,

@@ -9,13 +9,18 @@
 //! - [`dispatch`]: one dispatch pass at a given instant (the operator's button), and
 //!   reservations.
 //! - [`reconcile`]: every bill checked against its items, its rules and the usage topic.
+//! - [`templates`]: versioned email and SMS templates, validated at activation, previewed
+//!   with a real bill.
+//! - [`dlq`]: dead letters listed and replayed.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
 pub mod dispatch;
+pub mod dlq;
 pub mod reconcile;
 pub mod seed;
 pub mod settle;
 pub mod stack;
+pub mod templates;
 pub mod topics;
 
 /// An operator action failed; the message is the one line an operator sees.
@@ -45,4 +50,8 @@ pub enum OpsError {
     Query(#[from] diesel::result::Error),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Produce(#[from] billing_runtime::ProduceError),
 }

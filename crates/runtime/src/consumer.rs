@@ -13,6 +13,12 @@
 //!   retried with exponential backoff, up to `max_retries`, then quarantined.
 //! - On shutdown the loop stops pulling, lets in-flight work finish (retry waits are cut
 //!   short, and those records are left unstored to be redone), stores and commits offsets.
+//! - Delayed records: a record carrying the header [`NOT_BEFORE`] (unix milliseconds) is not
+//!   handed over before that instant. The loop holds it in memory and pauses its partition (no
+//!   busy waiting, other partitions go on), then seeks the partition back to just after it and
+//!   resumes. Retry topics rely on it: one delay per topic keeps each partition in due order.
+//! - A handler may answer [`HandleError::Defer`] (e.g. inside quiet hours): the record waits
+//!   that long in its in-flight slot and is handled again; its offset does not move meanwhile.
 //! - In bounded mode the end offsets of every partition are captured at start; records at or
 //!   past them are not processed, and the loop ends once every assigned partition is done.
 
@@ -59,6 +65,25 @@ pub enum HandleError {
     /// The record can never succeed: quarantined with this reason.
     #[error("{0}")]
     Final(String),
+    /// Not now: handle the record again after this (real) time.
+    #[error("deferred for {0:?}")]
+    Defer(Duration),
+}
+
+/// The header holding the instant (unix milliseconds, real time) before which a record must
+/// not be handled.
+pub const NOT_BEFORE: &str = "billing.not-before";
+
+/// The [`NOT_BEFORE`] instant of a message, if it has a well-formed one.
+fn not_before(msg: &impl Message) -> Option<i64> {
+    use rdkafka::message::Headers;
+    let headers = msg.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == NOT_BEFORE)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The work done for each record. It must be idempotent: a record may be handled again
@@ -314,6 +339,13 @@ impl Bounds {
     }
 }
 
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(delay) => true,
@@ -382,6 +414,12 @@ async fn process<V: AvroRecord, H: Handler<V>>(
                     break 'work format!("gave up after {} attempts: {e}", retries + 1);
                 }
                 Err(HandleError::Final(reason)) => break 'work reason,
+                Err(HandleError::Defer(wait)) => {
+                    debug!(topic = %origin.topic, partition = origin.partition, offset = origin.offset, ?wait, "record deferred");
+                    if !wait_or_cancel(wait, &cancel).await {
+                        return done(Outcome::Abandoned, retries);
+                    }
+                }
             }
         }
     };
@@ -445,6 +483,75 @@ fn record(
     }
 }
 
+/// Records held until their [`NOT_BEFORE`] instant, one per paused partition.
+#[derive(Default)]
+struct Held {
+    records: HashMap<(String, i32), (OwnedMessage, tokio::time::Instant)>,
+}
+
+impl Held {
+    fn contains(&self, topic: &str, partition: i32) -> bool {
+        self.records.contains_key(&(topic.to_string(), partition))
+    }
+
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.records.values().map(|(_, due)| *due).min()
+    }
+
+    /// Holds `msg` until `due` and pauses its partition.
+    fn hold(&mut self, consumer: &StreamConsumer, msg: OwnedMessage, due: tokio::time::Instant) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(msg.topic(), msg.partition());
+        if let Err(e) = consumer.pause(&tpl) {
+            debug!(topic = msg.topic(), partition = msg.partition(), error = %e, "cannot pause");
+        }
+        self.records
+            .insert((msg.topic().to_string(), msg.partition()), (msg, due));
+    }
+
+    /// The records now due, each with its partition moved back to just after it and resumed.
+    /// Records of partitions no longer assigned are dropped: their new owner redoes them.
+    fn release(&mut self, consumer: &StreamConsumer) -> Vec<OwnedMessage> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<_> = self
+            .records
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for key in due {
+            let Some((msg, _)) = self.records.remove(&key) else {
+                continue;
+            };
+            let (topic, partition) = (&key.0, key.1);
+            // Records fetched behind the held one were skipped: fetch them again.
+            match consumer.seek(topic, partition, Offset::Offset(msg.offset() + 1), METADATA_TIMEOUT) {
+                Ok(()) => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(topic, partition);
+                    if let Err(e) = consumer.resume(&tpl) {
+                        warn!(topic = %topic, partition, error = %e, "cannot resume partition");
+                    }
+                    out.push(msg);
+                }
+                Err(e) => {
+                    let assigned = consumer.assignment().is_ok_and(|a| {
+                        a.elements().iter().any(|el| el.topic() == topic && el.partition() == partition)
+                    });
+                    if assigned {
+                        warn!(topic = %topic, partition, error = %e, "cannot seek; retrying");
+                        self.records.insert(key, (msg, now + Duration::from_secs(1)));
+                    } else {
+                        debug!(topic = %topic, partition, "held record's partition was revoked");
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Runs the loop until `shutdown` completes or, in bounded mode, the input is consumed.
 pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     config: LoopConfig,
@@ -468,6 +575,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     let mut summary = LoopSummary::default();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut held = Held::default();
     tokio::pin!(shutdown);
 
     summary.stopped_by = loop {
@@ -481,6 +589,18 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             biased;
             Some(d) = in_flight.next() => record(&mut summary, &mut tracker, &consumer, d),
             () = &mut shutdown => break StopReason::Shutdown,
+            () = sleep_until_due(held.next_due()) => {
+                for m in held.release(&consumer) {
+                    in_flight.push(process(
+                        m,
+                        deps.decoder.clone(),
+                        deps.handler.clone(),
+                        deps.quarantine.clone(),
+                        config.clone(),
+                        cancel.clone(),
+                    ));
+                }
+            }
             msg = consumer.recv(), if in_flight.len() < config.max_in_flight => match msg {
                 Ok(m) => {
                     let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
@@ -489,6 +609,19 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                             b.pause(&consumer, &topic, partition);
                             continue;
                         }
+                    // Fetched before its partition was paused: read again after the seek.
+                    if held.contains(&topic, partition) {
+                        continue;
+                    }
+                    if let Some(at) = not_before(&m) {
+                        let wait = at - chrono::Utc::now().timestamp_millis();
+                        if wait > 0 {
+                            tracker.begin(&topic, partition, offset);
+                            let due = tokio::time::Instant::now() + Duration::from_millis(wait.unsigned_abs());
+                            held.hold(&consumer, m.detach(), due);
+                            continue;
+                        }
+                    }
                     tracker.begin(&topic, partition, offset);
                     in_flight.push(process(
                         m.detach(),
@@ -508,7 +641,9 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
         }
     };
 
-    // Drain: finish what is in flight (retry waits end at once), store, commit.
+    // Drain: finish what is in flight (retry waits end at once), store, commit. Held records
+    // are left unstored: the next run reads them again.
+    summary.abandoned += held.records.len() as u64;
     cancel.cancel();
     while let Some(d) = in_flight.next().await {
         record(&mut summary, &mut tracker, &consumer, d);

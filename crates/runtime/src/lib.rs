@@ -27,9 +27,10 @@ pub mod snapshot;
 pub mod telemetry;
 
 pub use clock::Clock;
-pub use config::{CommonArgs, KafkaSettings};
+pub use config::{Backoff, CommonArgs, KafkaSettings};
 pub use consumer::{
-    HandleError, Handler, Incoming, LoopConfig, LoopSummary, StopReason, run_consumer,
+    HandleError, Handler, Incoming, LoopConfig, LoopDeps, LoopSummary, NOT_BEFORE, StopReason,
+    run_consumer,
 };
 pub use producer::{ProduceError, Producer};
 pub use quarantine::Quarantine;

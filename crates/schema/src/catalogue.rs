@@ -148,14 +148,51 @@ pub const DEAD_LETTERS: Topic<DeadLetter> = Topic::new(
     "kr.billing.DeadLetter",
 );
 
+/// Most retries a channel may be configured with: one retry topic per retry.
+pub const MAX_RETRIES: usize = 4;
+
+const fn retry<V: AvroRecord>(name: &'static str, record: &'static str) -> Topic<V> {
+    Topic::new(
+        name,
+        KeyFormat::MemberId,
+        Cleanup::Delete,
+        Partitioning::Shared,
+        record,
+    )
+}
+
+/// Email retries, one topic per retry number: every record in a topic waits the same delay,
+/// so a partition's records fall due in order and the consumer holds only its head.
+pub const EMAIL_RETRIES: [Topic<EmailRequest>; MAX_RETRIES] = [
+    retry("email-requests-retry-1", "kr.billing.EmailRequest"),
+    retry("email-requests-retry-2", "kr.billing.EmailRequest"),
+    retry("email-requests-retry-3", "kr.billing.EmailRequest"),
+    retry("email-requests-retry-4", "kr.billing.EmailRequest"),
+];
+/// SMS retries, as for email.
+pub const SMS_RETRIES: [Topic<SmsRequest>; MAX_RETRIES] = [
+    retry("sms-requests-retry-1", "kr.billing.SmsRequest"),
+    retry("sms-requests-retry-2", "kr.billing.SmsRequest"),
+    retry("sms-requests-retry-3", "kr.billing.SmsRequest"),
+    retry("sms-requests-retry-4", "kr.billing.SmsRequest"),
+];
+
 /// Every topic in the catalogue.
-pub const ALL: [TopicSpec; 7] = [
+pub const ALL: [TopicSpec; 15] = [
     MEMBERS.spec,
     PRODUCTS.spec,
     USAGE_RECORDS.spec,
     BILLS.spec,
     EMAIL_REQUESTS.spec,
+    EMAIL_RETRIES[0].spec,
+    EMAIL_RETRIES[1].spec,
+    EMAIL_RETRIES[2].spec,
+    EMAIL_RETRIES[3].spec,
     SMS_REQUESTS.spec,
+    SMS_RETRIES[0].spec,
+    SMS_RETRIES[1].spec,
+    SMS_RETRIES[2].spec,
+    SMS_RETRIES[3].spec,
     DEAD_LETTERS.spec,
 ];
 
@@ -212,7 +249,7 @@ mod tests {
         assert!(
             names
                 .iter()
-                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
         );
         names.sort_unstable();
         names.dedup();

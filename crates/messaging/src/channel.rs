@@ -1,0 +1,396 @@
+//! A delivery channel's processor, written once for every channel.
+//!
+//! Consumes the channel's request topic and its retry topics (group: the channel's name), and
+//! for each request:
+//! 1. looks the bill, its member (and, for email, its items) up through the batching loader;
+//!    an unknown bill is quarantined with the reason;
+//! 2. skips a bill already delivered on any channel (a repeat, a replay, a race);
+//! 3. waits while the system quiet hours or the member's do-not-disturb window hold, by the
+//!    injected clock ([`HandleError::Defer`]: the offset does not move);
+//! 4. renders the active template and sends through the channel's gateway, with the delivery
+//!    id as idempotency key;
+//! 5. records the outcome in `delivery` (batched) before the offset may move: `sent`; or, on
+//!    a transient failure with attempts left, the request goes to the retry topic of its
+//!    attempt with a `not-before` header (exponential backoff) and the delivery is `failed`
+//!    with its attempt count; or, on a permanent failure or the last attempt, the channel
+//!    gives up: email hands the bill to SMS, SMS to the dead-letter topic.
+//!
+//! Guarantee: a bill is delivered at most once per idempotency key at the gateway and recorded
+//! `sent` once (`delivery_sent_once`); every request ends `sent`, handed over, or dead.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use billing_db::PgPool;
+use billing_runtime::{
+    Backoff, Clock, CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopDeps,
+    LoopSummary, NOT_BEFORE, Producer, Quarantine, run_consumer,
+};
+use billing_schema::{
+    AvroRecord, CodecError, DeadLetter, Decoder, Encoder, Registry,
+    catalogue::{DEAD_LETTERS, MAX_RETRIES, Topic},
+};
+use chrono::Utc;
+use chrono_tz::Tz;
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::{
+    batch::Batcher,
+    gateway::SendError,
+    hours::{Window, forbidden_until},
+    store::{self, BillContext, DeliveryUpdate, Settings, TemplateRow},
+};
+
+/// What the processor needs to know of a request, whatever its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub delivery_id: String,
+    pub bill_id: i64,
+    pub member_id: i64,
+    /// 0 for the first attempt on this channel.
+    pub attempt: i32,
+}
+
+/// What giving up on a channel did: this channel's final state and any other delivery state
+/// to record (e.g. SMS `queued`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GaveUp {
+    pub status: &'static str,
+    pub also: Vec<DeliveryUpdate>,
+}
+
+/// A delivery channel: one implementation (and one catalogue entry for its topics) per
+/// channel. See docs/channels.md.
+pub trait Channel: Send + Sync + 'static {
+    /// The request record on the channel's topics.
+    type Request: AvroRecord + Clone + Send + Sync + 'static;
+    /// The name: group id, quarantine stage and `delivery.channel`.
+    const NAME: &'static str;
+    /// Whether the bill's items are loaded (the email's table needs them, an SMS does not).
+    const NEEDS_ITEMS: bool;
+
+    /// The request topic.
+    fn topic() -> Topic<Self::Request>;
+    /// The retry topics, one per retry number.
+    fn retry_topics() -> [Topic<Self::Request>; MAX_RETRIES];
+    fn envelope(request: &Self::Request) -> Envelope;
+    /// The request for the next attempt after `error`.
+    fn next_attempt(request: &Self::Request, error: &str) -> Self::Request;
+    /// Renders with `template` and sends.
+    fn deliver(
+        &self,
+        bill: &BillContext,
+        template: &TemplateRow,
+        request: &Self::Request,
+    ) -> impl Future<Output = Result<(), SendError>> + Send;
+    /// No attempts left (or a permanent failure): hand the bill on. Returns once what it
+    /// published is acknowledged.
+    fn give_up(
+        &self,
+        bill: &BillContext,
+        record: &Incoming<Self::Request>,
+        error: &str,
+    ) -> impl Future<Output = Result<GaveUp, String>> + Send;
+}
+
+/// How a channel processor runs.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// Requests being worked on at once: the gateway's latency is hidden by this many
+    /// concurrent sends.
+    pub max_in_flight: usize,
+    /// Attempts on this channel, the first included (2 to 5): attempt n goes to retry topic n.
+    pub attempts: u32,
+    /// Delay before retry n is `initial * 2^(n-1)`, capped.
+    pub backoff: Backoff,
+    /// How long a template or quiet-hours change may take to be seen.
+    pub settings_ttl: Duration,
+    /// Database connections.
+    pub pool_size: usize,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            max_in_flight: 2000,
+            attempts: 4,
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            },
+            settings_ttl: Duration::from_secs(10),
+            pool_size: 8,
+        }
+    }
+}
+
+/// Counters of a channel processor (shared with its metrics).
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    pub sent: AtomicU64,
+    pub retried: AtomicU64,
+    pub gave_up: AtomicU64,
+    pub skipped_delivered: AtomicU64,
+    pub deferred: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// A channel processor's start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Produce(#[from] billing_runtime::ProduceError),
+    #[error(transparent)]
+    Db(#[from] billing_db::DbError),
+    #[error(transparent)]
+    Loop(#[from] billing_runtime::consumer::LoopError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// The handler of one channel: the steps in the module docs.
+pub struct ChannelHandler<C: Channel> {
+    channel: C,
+    loader: Batcher<i64, Option<Arc<BillContext>>>,
+    writer: Batcher<DeliveryUpdate, ()>,
+    settings: Settings,
+    clock: Clock,
+    tz: Tz,
+    config: ChannelConfig,
+    producer: Producer,
+    /// (topic name, encoder) per retry number - 1.
+    retries: Vec<(String, Encoder<C::Request>)>,
+    stats: Arc<ChannelStats>,
+}
+
+impl<C: Channel> std::fmt::Debug for ChannelHandler<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelHandler")
+            .field("channel", &C::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+fn retriable(e: impl std::fmt::Display) -> HandleError {
+    HandleError::Retriable(e.to_string())
+}
+
+impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
+    async fn handle(&self, record: &Incoming<C::Request>) -> Result<(), HandleError> {
+        let env = C::envelope(&record.value);
+        let Some(bill) = self.loader.call(env.bill_id).await.map_err(retriable)? else {
+            return Err(HandleError::Final(format!(
+                "bill {} not found (delivery {})",
+                env.bill_id, env.delivery_id
+            )));
+        };
+        if bill.delivered {
+            self.stats.skipped_delivered.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(bill_id = env.bill_id, channel = C::NAME, "already delivered");
+            return Ok(());
+        }
+        let settings = self.settings.get().await.map_err(retriable)?;
+        let now = self.clock.now();
+        let mut windows: Vec<Window> = settings.quiet_hours.iter().copied().collect();
+        if let Some((start, end)) = bill.dnd {
+            windows.push(Window {
+                start,
+                end,
+                tz: self.tz,
+            });
+        }
+        if let Some(until) = forbidden_until(now, &windows) {
+            self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+            let wait = self.clock.real_until(until).max(Duration::from_millis(10));
+            return Err(HandleError::Defer(wait));
+        }
+        let Some(template) = settings.template.as_ref() else {
+            tracing::warn!(channel = C::NAME, "no active template; waiting");
+            return Err(HandleError::Defer(self.config.settings_ttl));
+        };
+
+        let attempts = env.attempt.saturating_add(1);
+        let outcome = self.channel.deliver(&bill, template, &record.value).await;
+        let update = |status, last_error| DeliveryUpdate {
+            bill_id: env.bill_id,
+            channel: C::NAME,
+            status,
+            attempts,
+            sent_at: (status == "sent").then_some(now),
+            last_error,
+            template_version: Some(template.version),
+        };
+        match outcome {
+            Ok(()) => {
+                self.writer
+                    .call(update("sent", None))
+                    .await
+                    .map_err(retriable)?;
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(SendError::Transient(e))
+                if u32::try_from(attempts).is_ok_and(|a| a < self.config.attempts) =>
+            {
+                let n = usize::try_from(env.attempt).unwrap_or(0);
+                let (topic, encoder) = self
+                    .retries
+                    .get(n)
+                    .ok_or_else(|| HandleError::Final(format!("no retry topic for attempt {attempts}")))?;
+                let delay = self.config.backoff.delay(u32::try_from(n).unwrap_or(0));
+                let due = Utc::now().timestamp_millis()
+                    + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                let due = due.to_string();
+                let next = C::next_attempt(&record.value, &e);
+                let payload = encoder.encode(&next).map_err(retriable)?;
+                let key = env.member_id.to_string();
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: NOT_BEFORE,
+                    value: Some(due.as_bytes()),
+                });
+                self.producer
+                    .send(topic, Some(key.as_bytes()), Some(&payload), Some(headers))
+                    .await
+                    .map_err(retriable)?;
+                self.writer
+                    .call(update("failed", Some(e.clone())))
+                    .await
+                    .map_err(retriable)?;
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(bill_id = env.bill_id, channel = C::NAME, attempt = attempts, ?delay, error = %e, "retry scheduled");
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let gave_up = self
+                    .channel
+                    .give_up(&bill, record, &reason)
+                    .await
+                    .map_err(HandleError::Retriable)?;
+                self.writer
+                    .call(update(gave_up.status, Some(reason.clone())))
+                    .await
+                    .map_err(retriable)?;
+                for also in gave_up.also {
+                    self.writer.call(also).await.map_err(retriable)?;
+                }
+                self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(bill_id = env.bill_id, channel = C::NAME, attempts, error = %reason, "channel gave up");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub consumer: LoopSummary,
+    pub sent: u64,
+    pub retried: u64,
+    pub gave_up: u64,
+    pub skipped_delivered: u64,
+}
+
+/// Parts a channel's run needs besides the channel.
+#[derive(Clone)]
+pub struct ChannelDeps {
+    pub pool: PgPool,
+    pub stats: Arc<ChannelStats>,
+}
+
+impl std::fmt::Debug for ChannelDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelDeps").finish_non_exhaustive()
+    }
+}
+
+/// The full names of the topics a channel consumes: its requests and the retry topics in use.
+pub fn consumed_topics<C: Channel>(common: &CommonArgs, attempts: u32) -> Vec<String> {
+    let catalogue = common.catalogue();
+    let retries = usize::try_from(attempts.saturating_sub(1)).unwrap_or(0);
+    std::iter::once(catalogue.name(&C::topic().spec))
+        .chain(
+            C::retry_topics()
+                .iter()
+                .take(retries)
+                .map(|t| catalogue.name(&t.spec)),
+        )
+        .collect()
+}
+
+/// Runs the channel's processor until `shutdown`.
+pub async fn run<C: Channel>(
+    common: &CommonArgs,
+    config: ChannelConfig,
+    channel: C,
+    deps: ChannelDeps,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ChannelSummary, MessagingError> {
+    if !(2..=u32::try_from(MAX_RETRIES + 1).unwrap_or(5)).contains(&config.attempts) {
+        return Err(MessagingError::Config(format!(
+            "attempts must be 2 to {}, got {}",
+            MAX_RETRIES + 1,
+            config.attempts
+        )));
+    }
+    let catalogue = common.catalogue();
+    let registry = Registry::new(&common.schema_registry_url)?;
+    let mut retries = Vec::new();
+    for t in C::retry_topics().iter().take(usize::try_from(config.attempts - 1).unwrap_or(0)) {
+        let encoder =
+            Encoder::<C::Request>::register(&registry, &catalogue.value_subject(&t.spec)).await?;
+        retries.push((catalogue.name(&t.spec), encoder));
+    }
+    let producer = Producer::new(&common.kafka())?;
+    let dlq_encoder =
+        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
+            .await?;
+    let quarantine = Quarantine::new(
+        producer.clone(),
+        catalogue.name(&DEAD_LETTERS.spec),
+        C::NAME,
+        Arc::new(dlq_encoder),
+    );
+    let topics = consumed_topics::<C>(common, config.attempts);
+    let handler = Arc::new(ChannelHandler {
+        channel,
+        loader: store::bill_loader(deps.pool.clone(), C::NEEDS_ITEMS),
+        writer: store::delivery_writer(deps.pool.clone()),
+        settings: Settings::new(deps.pool.clone(), C::NAME, config.settings_ttl),
+        clock: common.clock,
+        tz: common.billing_tz,
+        config: config.clone(),
+        producer,
+        retries,
+        stats: deps.stats.clone(),
+    });
+    let mut loop_config = LoopConfig::new(format!("{}{}", common.topic_prefix, C::NAME), topics);
+    loop_config.max_in_flight = config.max_in_flight;
+    loop_config.backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+    let loop_deps = LoopDeps {
+        kafka: common.kafka(),
+        decoder: Arc::new(Decoder::new(registry)),
+        handler,
+        quarantine,
+    };
+    tracing::info!(channel = C::NAME, max_in_flight = config.max_in_flight, attempts = config.attempts, "channel processor started");
+    let consumer = run_consumer(loop_config, loop_deps, shutdown).await?;
+    let s = &deps.stats;
+    Ok(ChannelSummary {
+        consumer,
+        sent: s.sent.load(Ordering::Relaxed),
+        retried: s.retried.load(Ordering::Relaxed),
+        gave_up: s.gave_up.load(Ordering::Relaxed),
+        skipped_delivered: s.skipped_delivered.load(Ordering::Relaxed),
+    })
+}

@@ -1,0 +1,429 @@
+//! The channels' PostgreSQL side: bills looked up in batches, delivery state written in
+//! batches, templates and quiet hours read through a short-lived cache.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use billing_db::PgPool;
+use chrono::{DateTime, NaiveTime, Utc};
+use chrono_tz::Tz;
+use diesel::{
+    QueryableByName,
+    sql_types::{Array, BigInt, Bool, Int4, Nullable, Text, Time, Timestamptz},
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use tokio::sync::Mutex;
+
+use crate::{batch::Batcher, hours::Window, template::BillView};
+
+/// Everything a channel needs to deliver one bill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillContext {
+    pub view: BillView,
+    pub member_id: i64,
+    pub email: String,
+    pub phone: String,
+    pub dnd: Option<(NaiveTime, NaiveTime)>,
+    /// A delivery of this bill already succeeded (on any channel).
+    pub delivered: bool,
+}
+
+#[derive(QueryableByName)]
+struct BillRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = BigInt)]
+    member_id: i64,
+    #[diesel(sql_type = Text)]
+    billing_month: String,
+    #[diesel(sql_type = BigInt)]
+    total_amount: i64,
+    #[diesel(sql_type = BigInt)]
+    discount_amount: i64,
+    #[diesel(sql_type = BigInt)]
+    vat_amount: i64,
+    #[diesel(sql_type = BigInt)]
+    final_amount: i64,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    phone: String,
+    #[diesel(sql_type = Nullable<Time>)]
+    dnd_start: Option<NaiveTime>,
+    #[diesel(sql_type = Nullable<Time>)]
+    dnd_end: Option<NaiveTime>,
+    #[diesel(sql_type = Bool)]
+    delivered: bool,
+}
+
+#[derive(QueryableByName)]
+struct ItemRow {
+    #[diesel(sql_type = BigInt)]
+    bill_id: i64,
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = Text)]
+    description: String,
+    #[diesel(sql_type = BigInt)]
+    amount: i64,
+}
+
+/// Bills, their members, delivery state and (with `items`) their items, for a batch of bill
+/// ids, in three queries.
+pub async fn load_bills(
+    conn: &mut AsyncPgConnection,
+    ids: &[i64],
+    items: bool,
+) -> Result<HashMap<i64, BillContext>, diesel::result::Error> {
+    let rows: Vec<BillRow> = diesel::sql_query(
+        "select b.id, b.member_id, b.billing_month, b.total_amount, b.discount_amount,
+                b.vat_amount, b.final_amount, m.name, m.email, m.phone, m.dnd_start, m.dnd_end,
+                exists (select 1 from delivery d where d.bill_id = b.id and d.status = 'sent') as delivered
+         from bill b join member m on m.id = b.member_id
+         where b.id = any($1)",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .load(conn)
+    .await?;
+    let mut lines: HashMap<i64, Vec<(String, String, i64)>> = HashMap::new();
+    if items {
+        let item_rows: Vec<ItemRow> = diesel::sql_query(
+            "select bill_id, kind, description, amount from bill_item
+             where bill_id = any($1) order by id",
+        )
+        .bind::<Array<BigInt>, _>(ids)
+        .load(conn)
+        .await?;
+        for i in item_rows {
+            lines
+                .entry(i.bill_id)
+                .or_default()
+                .push((i.kind, i.description, i.amount));
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let ctx = BillContext {
+                view: BillView {
+                    bill_id: r.id,
+                    member_name: r.name,
+                    billing_month: r.billing_month,
+                    total_amount: r.total_amount,
+                    discount_amount: r.discount_amount,
+                    vat_amount: r.vat_amount,
+                    final_amount: r.final_amount,
+                    items: lines.remove(&r.id).unwrap_or_default(),
+                },
+                member_id: r.member_id,
+                email: r.email,
+                phone: r.phone,
+                dnd: r.dnd_start.zip(r.dnd_end),
+                delivered: r.delivered,
+            };
+            (r.id, ctx)
+        })
+        .collect())
+}
+
+/// A batching bill loader: `call(bill_id)` answers `None` for a bill that does not exist.
+pub fn bill_loader(pool: PgPool, items: bool) -> Batcher<i64, Option<Arc<BillContext>>> {
+    Batcher::spawn("bill-loader", 4, 1000, move |ids: Vec<i64>| {
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            let found = load_bills(&mut conn, &ids, items)
+                .await
+                .map_err(|e| e.to_string())?;
+            // A bill asked for twice in one batch is answered twice.
+            Ok(ids
+                .iter()
+                .map(|id| found.get(id).cloned().map(Arc::new))
+                .collect::<Vec<_>>())
+        }
+    })
+}
+
+/// A change of a delivery's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryUpdate {
+    pub bill_id: i64,
+    pub channel: &'static str,
+    /// `queued`, `sent`, `failed` (attempts so far, retries pending or handed to another
+    /// channel) or `dead`.
+    pub status: &'static str,
+    pub attempts: i32,
+    /// When it was sent, by the processor's clock.
+    pub sent_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub template_version: Option<i32>,
+}
+
+const UPSERT: &str = "
+    insert into delivery (bill_id, channel, status, attempts, sent_at, last_error, template_version, updated_at)
+    select b, c, s, a, t, e, v, now()
+    from unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[], $7::int[])
+         as u(b, c, s, a, t, e, v)
+    on conflict (bill_id, channel) do update
+       set status = excluded.status,
+           attempts = greatest(delivery.attempts, excluded.attempts),
+           sent_at = coalesce(delivery.sent_at, excluded.sent_at),
+           last_error = coalesce(excluded.last_error, delivery.last_error),
+           template_version = coalesce(excluded.template_version, delivery.template_version),
+           updated_at = now()
+     where delivery.status <> 'sent'";
+
+async fn upsert(
+    conn: &mut AsyncPgConnection,
+    rows: &[&DeliveryUpdate],
+) -> Result<usize, diesel::result::Error> {
+    let b: Vec<i64> = rows.iter().map(|r| r.bill_id).collect();
+    let c: Vec<&str> = rows.iter().map(|r| r.channel).collect();
+    let s: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let a: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
+    let t: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.sent_at).collect();
+    let e: Vec<Option<&str>> = rows.iter().map(|r| r.last_error.as_deref()).collect();
+    let v: Vec<Option<i32>> = rows.iter().map(|r| r.template_version).collect();
+    diesel::sql_query(UPSERT)
+        .bind::<Array<BigInt>, _>(b)
+        .bind::<Array<Text>, _>(c)
+        .bind::<Array<Text>, _>(s)
+        .bind::<Array<Int4>, _>(a)
+        .bind::<Array<Nullable<Timestamptz>>, _>(t)
+        .bind::<Array<Nullable<Text>>, _>(e)
+        .bind::<Array<Nullable<Int4>>, _>(v)
+        .execute(conn)
+        .await
+}
+
+/// Rank of a status when one batch holds two updates of the same delivery: the later state
+/// of the state machine wins.
+fn rank(u: &DeliveryUpdate) -> (u8, i32) {
+    let s = match u.status {
+        "queued" => 0,
+        "failed" => 1,
+        "dead" => 2,
+        _ => 3,
+    };
+    (s, u.attempts)
+}
+
+/// A batching delivery writer. A batch is one upsert; if it is refused (a bill delivered on
+/// two channels would break `delivery_sent_once`), its rows are written one by one so only
+/// the offending one fails.
+pub fn delivery_writer(pool: PgPool) -> Batcher<DeliveryUpdate, ()> {
+    Batcher::spawn("delivery-writer", 2, 2000, move |batch: Vec<DeliveryUpdate>| {
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+            // One row per (bill, channel), or the upsert would touch a row twice.
+            let mut latest: HashMap<(i64, &str), &DeliveryUpdate> = HashMap::new();
+            for u in &batch {
+                let slot = latest.entry((u.bill_id, u.channel)).or_insert(u);
+                if rank(u) > rank(slot) {
+                    *slot = u;
+                }
+            }
+            let rows: Vec<&DeliveryUpdate> = latest.into_values().collect();
+            if upsert(&mut conn, &rows).await.is_ok() {
+                return Ok(vec![(); batch.len()]);
+            }
+            for r in &rows {
+                upsert(&mut conn, &[r]).await.map_err(|e| e.to_string())?;
+            }
+            Ok(vec![(); batch.len()])
+        }
+    })
+}
+
+/// A template version.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct TemplateRow {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub channel: String,
+    #[diesel(sql_type = Text)]
+    pub name: String,
+    #[diesel(sql_type = Int4)]
+    pub version: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub subject: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub body: String,
+    #[diesel(sql_type = Bool)]
+    pub active: bool,
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub activated_at: Option<DateTime<Utc>>,
+}
+
+const TEMPLATE_COLUMNS: &str =
+    "id, channel, name, version, subject, body, active, created_at, activated_at";
+
+/// The active template of `channel`, if any.
+pub async fn active_template(
+    conn: &mut AsyncPgConnection,
+    channel: &str,
+) -> Result<Option<TemplateRow>, diesel::result::Error> {
+    let rows: Vec<TemplateRow> = diesel::sql_query(format!(
+        "select {TEMPLATE_COLUMNS} from template where channel = $1 and active"
+    ))
+    .bind::<Text, _>(channel)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// Every template version, by channel, name and version.
+pub async fn list_templates(
+    conn: &mut AsyncPgConnection,
+) -> Result<Vec<TemplateRow>, diesel::result::Error> {
+    diesel::sql_query(format!(
+        "select {TEMPLATE_COLUMNS} from template order by channel, name, version"
+    ))
+    .load(conn)
+    .await
+}
+
+/// One template version by id.
+pub async fn template(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+) -> Result<Option<TemplateRow>, diesel::result::Error> {
+    let rows: Vec<TemplateRow> = diesel::sql_query(format!(
+        "select {TEMPLATE_COLUMNS} from template where id = $1"
+    ))
+    .bind::<BigInt, _>(id)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().next())
+}
+
+/// Stores a new, inactive version of template `name` of `channel` (the next version number).
+pub async fn create_template(
+    conn: &mut AsyncPgConnection,
+    channel: &str,
+    name: &str,
+    subject: Option<&str>,
+    body: &str,
+) -> Result<TemplateRow, diesel::result::Error> {
+    let rows: Vec<TemplateRow> = diesel::sql_query(format!(
+        "insert into template (channel, name, version, subject, body)
+         select $1, $2, coalesce(max(version), 0) + 1, $3, $4
+         from template where channel = $1 and name = $2
+         returning {TEMPLATE_COLUMNS}"
+    ))
+    .bind::<Text, _>(channel)
+    .bind::<Text, _>(name)
+    .bind::<Nullable<Text>, _>(subject)
+    .bind::<Text, _>(body)
+    .load(conn)
+    .await?;
+    rows.into_iter()
+        .next()
+        .ok_or(diesel::result::Error::NotFound)
+}
+
+/// Makes template `id` its channel's only active one (the caller validated it).
+pub async fn activate_template(
+    conn: &mut AsyncPgConnection,
+    id: i64,
+) -> Result<(), diesel::result::Error> {
+    // One statement: the partial unique index sees the end state only.
+    diesel::sql_query(
+        "update template t set active = (t.id = $1),
+                activated_at = case when t.id = $1 then now() else t.activated_at end
+         where t.channel = (select channel from template where id = $1)
+           and (t.active or t.id = $1)",
+    )
+    .bind::<BigInt, _>(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(QueryableByName)]
+struct QuietRow {
+    #[diesel(sql_type = Time)]
+    start_time: NaiveTime,
+    #[diesel(sql_type = Time)]
+    end_time: NaiveTime,
+    #[diesel(sql_type = Text)]
+    time_zone: String,
+}
+
+/// The system quiet hours.
+pub async fn quiet_hours(
+    conn: &mut AsyncPgConnection,
+) -> Result<Option<Window>, diesel::result::Error> {
+    let rows: Vec<QuietRow> =
+        diesel::sql_query("select start_time, end_time, time_zone from quiet_hours where id = 1")
+            .load(conn)
+            .await?;
+    Ok(rows.into_iter().next().map(|q| Window {
+        start: q.start_time,
+        end: q.end_time,
+        tz: q.time_zone.parse::<Tz>().unwrap_or(chrono_tz::Asia::Seoul),
+    }))
+}
+
+/// What operators may change while a processor runs: its channel's active template and the
+/// quiet hours.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub template: Option<TemplateRow>,
+    pub quiet_hours: Option<Window>,
+}
+
+/// [`LiveSettings`] re-read at most every `ttl`: a change is seen within that time.
+pub struct Settings {
+    pool: PgPool,
+    channel: &'static str,
+    ttl: Duration,
+    cached: Mutex<Option<(Arc<LiveSettings>, Instant)>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    pub fn new(pool: PgPool, channel: &'static str, ttl: Duration) -> Self {
+        Settings {
+            pool,
+            channel,
+            ttl,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The current settings (from the cache when fresh).
+    pub async fn get(&self) -> Result<Arc<LiveSettings>, String> {
+        let mut cached = self.cached.lock().await;
+        if let Some((s, at)) = cached.as_ref()
+            && at.elapsed() < self.ttl
+        {
+            return Ok(s.clone());
+        }
+        let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let fresh = Arc::new(LiveSettings {
+            template: active_template(&mut conn, self.channel)
+                .await
+                .map_err(|e| e.to_string())?,
+            quiet_hours: quiet_hours(&mut conn).await.map_err(|e| e.to_string())?,
+        });
+        *cached = Some((fresh.clone(), Instant::now()));
+        Ok(fresh)
+    }
+}
