@@ -169,6 +169,24 @@ pub struct ChannelHandler<C: Channel> {
     /// (topic name, encoder) per retry number - 1.
     retries: Vec<(String, Encoder<C::Request>)>,
     stats: Arc<ChannelStats>,
+    /// Bills being worked on in this process. A bill's requests share a partition (keyed by
+    /// member), so a second request of the same bill in flight here (a repeat) waits for the
+    /// first to finish and then finds it delivered, instead of racing it to the gateway.
+    in_progress: std::sync::Mutex<std::collections::HashSet<i64>>,
+}
+
+/// Removes its bill from `in_progress` when the handling ends, however it ends.
+struct Claim<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<i64>>,
+    bill_id: i64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.bill_id);
+        }
+    }
 }
 
 impl<C: Channel> std::fmt::Debug for ChannelHandler<C> {
@@ -186,6 +204,18 @@ fn retriable(e: impl std::fmt::Display) -> HandleError {
 impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
     async fn handle(&self, record: &Incoming<C::Request>) -> Result<(), HandleError> {
         let env = C::envelope(&record.value);
+        let claimed = self
+            .in_progress
+            .lock()
+            .map_err(|_| retriable("in-progress set poisoned"))?
+            .insert(env.bill_id);
+        if !claimed {
+            return Err(HandleError::Defer(Duration::from_millis(100)));
+        }
+        let _claim = Claim {
+            set: &self.in_progress,
+            bill_id: env.bill_id,
+        };
         let Some(bill) = self.loader.call(env.bill_id).await.map_err(retriable)? else {
             return Err(HandleError::Final(format!(
                 "bill {} not found (delivery {})",
@@ -370,6 +400,7 @@ pub async fn run<C: Channel>(
         producer,
         retries,
         stats: deps.stats.clone(),
+        in_progress: std::sync::Mutex::default(),
     });
     let mut loop_config = LoopConfig::new(format!("{}{}", common.topic_prefix, C::NAME), topics);
     loop_config.max_in_flight = config.max_in_flight;
