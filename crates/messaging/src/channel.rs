@@ -130,15 +130,36 @@ impl Default for ChannelConfig {
     }
 }
 
-/// Counters of a channel processor (shared with its metrics).
+/// Counters of a channel processor; [`ChannelStats::registered`] ones are also Prometheus
+/// metrics (`billing_deliveries_total{channel, outcome}`).
 #[derive(Debug, Default)]
 pub struct ChannelStats {
-    pub sent: AtomicU64,
-    pub retried: AtomicU64,
-    pub gave_up: AtomicU64,
-    pub skipped_delivered: AtomicU64,
-    pub deferred: AtomicU64,
-    pub in_flight: AtomicU64,
+    pub sent: Arc<AtomicU64>,
+    pub retried: Arc<AtomicU64>,
+    pub gave_up: Arc<AtomicU64>,
+    pub skipped_delivered: Arc<AtomicU64>,
+    pub deferred: Arc<AtomicU64>,
+}
+
+impl ChannelStats {
+    /// Counters registered in the process's metrics under `channel`.
+    pub fn registered(channel: &str) -> Self {
+        let m = billing_runtime::metrics::global();
+        let c = |outcome: &str| {
+            m.counter(
+                "billing_deliveries_total",
+                "Delivery attempts by outcome: sent, retried, gave_up, skipped (already delivered), deferred (forbidden hours).",
+                &[("channel", channel), ("outcome", outcome)],
+            )
+        };
+        ChannelStats {
+            sent: c("sent"),
+            retried: c("retried"),
+            gave_up: c("gave_up"),
+            skipped_delivered: c("skipped"),
+            deferred: c("deferred"),
+        }
+    }
 }
 
 /// A channel processor's start-up failed.

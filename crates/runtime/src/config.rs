@@ -44,6 +44,9 @@ pub struct CommonArgs {
     /// shared by every process of a demo (see [`crate::clock`]).
     #[arg(long, env = "BILLING_CLOCK", default_value = "system")]
     pub clock: crate::Clock,
+    /// Where a processor serves Prometheus `/metrics` and `/health` (port 0: any free port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {

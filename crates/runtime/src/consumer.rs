@@ -178,6 +178,7 @@ struct Done {
     offset: i64,
     outcome: Outcome,
     retries: u32,
+    elapsed: Duration,
 }
 
 /// Per-partition bookkeeping of records in flight, so the stored offset only ever moves past
@@ -369,12 +370,14 @@ async fn process<V: AvroRecord, H: Handler<V>>(
     };
     let mut attempts: Vec<String> = Vec::new();
     let mut retries = 0u32;
+    let started = Instant::now();
     let done = |outcome, retries| Done {
         topic: origin.topic.clone(),
         partition: origin.partition,
         offset: origin.offset,
         outcome,
         retries,
+        elapsed: started.elapsed(),
     };
 
     let failure: String = 'work: {
@@ -463,16 +466,67 @@ fn store(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64) {
     }
 }
 
+/// The loop's metrics, labelled by group.
+struct LoopMetrics {
+    consumed: Arc<std::sync::atomic::AtomicU64>,
+    processed: Arc<std::sync::atomic::AtomicU64>,
+    quarantined: Arc<std::sync::atomic::AtomicU64>,
+    retries: Arc<std::sync::atomic::AtomicU64>,
+    in_flight: Arc<std::sync::atomic::AtomicI64>,
+    held: Arc<std::sync::atomic::AtomicI64>,
+    latency: Arc<crate::metrics::Histogram>,
+}
+
+impl LoopMetrics {
+    fn new(group: &str) -> Self {
+        let m = crate::metrics::global();
+        let l = [("group", group)];
+        LoopMetrics {
+            consumed: m.counter("billing_records_consumed_total", "Records received from the broker.", &l),
+            processed: m.counter("billing_records_processed_total", "Records handled successfully.", &l),
+            quarantined: m.counter("billing_dead_letters_total", "Records sent to the dead-letter topic.", &l),
+            retries: m.counter("billing_retries_total", "Retries of retriable handler failures.", &l),
+            in_flight: m.gauge("billing_in_flight", "Records being worked on.", &l),
+            held: m.gauge("billing_held_partitions", "Partitions paused until a delayed record is due.", &l),
+            latency: m.histogram("billing_handle_seconds", "Time from receipt to done, per record.", &l),
+        }
+    }
+}
+
+/// Consumer lag per tracked partition: the high watermark minus the stored offset. Asked of
+/// the broker every few seconds with a short timeout (a local round trip per partition).
+fn report_lag(consumer: &StreamConsumer, group: &str, tracker: &OffsetTracker) {
+    let m = crate::metrics::global();
+    for ((topic, partition), t) in &tracker.partitions {
+        if let (Some(stored), Ok((_, high))) = (t.stored, consumer.fetch_watermarks(topic, *partition, Duration::from_millis(100))) {
+            let p = partition.to_string();
+            m.gauge("billing_consumer_lag", "Records behind the high watermark.", &[("group", group), ("topic", topic), ("partition", &p)])
+                .store((high - stored).max(0), std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 fn record(
     summary: &mut LoopSummary,
     tracker: &mut OffsetTracker,
     consumer: &StreamConsumer,
+    metrics: &LoopMetrics,
     d: Done,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     summary.retries += u64::from(d.retries);
+    metrics.retries.fetch_add(u64::from(d.retries), Relaxed);
+    metrics.in_flight.fetch_sub(1, Relaxed);
+    metrics.latency.observe(d.elapsed);
     match d.outcome {
-        Outcome::Processed => summary.processed += 1,
-        Outcome::Quarantined => summary.quarantined += 1,
+        Outcome::Processed => {
+            summary.processed += 1;
+            metrics.processed.fetch_add(1, Relaxed);
+        }
+        Outcome::Quarantined => {
+            summary.quarantined += 1;
+            metrics.quarantined.fetch_add(1, Relaxed);
+        }
         Outcome::Abandoned => {
             summary.abandoned += 1;
             return;
@@ -576,9 +630,17 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut held = Held::default();
+    let metrics = LoopMetrics::new(&config.group_id);
+    let mut last_lag = Instant::now();
     tokio::pin!(shutdown);
 
     summary.stopped_by = loop {
+        crate::metrics::global().beat();
+        metrics.held.store(i64::try_from(held.records.len()).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            report_lag(&consumer, &config.group_id, &tracker);
+        }
         if let Some(b) = bounds.as_mut()
             && in_flight.is_empty()
             && b.finished(&consumer, &tracker)
@@ -587,10 +649,11 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
         }
         tokio::select! {
             biased;
-            Some(d) = in_flight.next() => record(&mut summary, &mut tracker, &consumer, d),
+            Some(d) = in_flight.next() => record(&mut summary, &mut tracker, &consumer, &metrics, d),
             () = &mut shutdown => break StopReason::Shutdown,
             () = sleep_until_due(held.next_due()) => {
                 for m in held.release(&consumer) {
+                    metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     in_flight.push(process(
                         m,
                         deps.decoder.clone(),
@@ -603,6 +666,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             }
             msg = consumer.recv(), if in_flight.len() < config.max_in_flight => match msg {
                 Ok(m) => {
+                    metrics.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                     if let Some(b) = bounds.as_mut()
                         && b.beyond_end(&topic, partition, offset) {
@@ -623,6 +687,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                         }
                     }
                     tracker.begin(&topic, partition, offset);
+                    metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     in_flight.push(process(
                         m.detach(),
                         deps.decoder.clone(),
@@ -646,7 +711,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     summary.abandoned += held.records.len() as u64;
     cancel.cancel();
     while let Some(d) = in_flight.next().await {
-        record(&mut summary, &mut tracker, &consumer, d);
+        record(&mut summary, &mut tracker, &consumer, &metrics, d);
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}

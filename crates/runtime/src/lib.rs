@@ -9,6 +9,7 @@
 //!   an offset only once every record before it is done, quarantine what cannot be
 //!   processed, optionally stop at the end offsets captured at start (bounded mode), drain on
 //!   shutdown.
+//! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`quarantine`]: where records go that cannot be processed: the dead-letter topic.
 //! - [`admin`]: topic creation from the catalogue.
 //! - [`clock`]: the system clock or a simulated one that separate processes agree on.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod consumer;
+pub mod metrics;
 pub mod producer;
 pub mod quarantine;
 pub mod shutdown;

@@ -62,6 +62,7 @@ impl TestEnv {
                 .unwrap_or(chrono_tz::Asia::Seoul),
             topic_prefix: format!("t{}.", short_id()),
             clock: billing_runtime::Clock::System,
+            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             partitions,
             kafka_properties: vec![],
         };

@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
     billing_db::migrate(&cli.common.database_url).await?;
+    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
     let config = billing_dispatch::schedule::ScheduleConfig {
         interval: chrono::Duration::seconds(i64::try_from(cli.interval)?),
         poll: Duration::from_millis(cli.poll_ms),

@@ -64,6 +64,7 @@ pub async fn run(
     let mut next_scheduled = clock.now();
     tokio::pin!(shutdown);
     loop {
+        billing_runtime::metrics::global().beat();
         let now = clock.now();
         let next_reservation = match next_reservation(common).await {
             Ok(r) => r,

@@ -22,9 +22,6 @@ struct Cli {
     /// Delay before the first retry, in milliseconds; it doubles with each retry.
     #[arg(long, env = "EMAIL_BACKOFF_MS", default_value_t = 1000)]
     backoff_ms: u64,
-    /// Address of the Prometheus metrics and health endpoint.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100")]
-    metrics_addr: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -47,9 +44,9 @@ async fn main() -> anyhow::Result<()> {
     let channel = billing_email::EmailChannel::new(&cli.common, gateway).await?;
     let deps = ChannelDeps {
         pool,
-        stats: Arc::default(),
+        stats: Arc::new(billing_messaging::ChannelStats::registered(billing_email::NAME)),
     };
-    let _ = cli.metrics_addr;
+    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
     let summary = billing_messaging::run(
         &cli.common,
         config,
