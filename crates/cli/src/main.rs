@@ -70,6 +70,27 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Move a consumer group on a topic so its stage re-processes (stop the group first).
+    Replay {
+        /// The consumer group (a processor's name, with the topic prefix if any).
+        #[arg(long)]
+        group: String,
+        /// The full topic name.
+        #[arg(long)]
+        topic: String,
+        /// To each partition's first record.
+        #[arg(long, group = "target", required = true)]
+        to_earliest: bool,
+        /// To this offset on every partition.
+        #[arg(long, group = "target")]
+        to_offset: Option<i64>,
+        /// To the first record at or after this instant (RFC 3339).
+        #[arg(long, group = "target")]
+        to_time: Option<chrono::DateTime<chrono::FixedOffset>>,
+        /// Show the moves without making them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Apply the database migrations, create the catalogue topics and register their schemas.
     Migrate,
     /// Recompute every bill of a month from its items and the usage; exit 1 on any discrepancy.
@@ -391,6 +412,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("replayed {} dead letters", done.len());
             }
         },
+        Command::Replay { group, topic, to_earliest, to_offset, to_time, dry_run } => {
+            use billing_ops::replay::Target;
+            let target = match (to_earliest, to_offset, to_time) {
+                (true, _, _) => Target::Earliest,
+                (_, Some(o), _) => Target::Offset(o),
+                (_, _, Some(t)) => Target::Time(t.with_timezone(&chrono::Utc)),
+                _ => anyhow::bail!("one of --to-earliest, --to-offset, --to-time"),
+            };
+            let r = billing_ops::replay::replay(&common, &group, &topic, target, dry_run).await?;
+            println!("{}group {} on {}:", if r.dry_run { "(dry run) " } else { "" }, r.group, r.topic);
+            for m in &r.moves {
+                let from = m.from.map_or("-".to_string(), |o| o.to_string());
+                println!("  partition {:>3}: {:>10} -> {}", m.partition, from, m.to);
+            }
+            if !r.dry_run {
+                println!("  committed; {} database offset rows moved", r.database_rows);
+            }
+        }
         Command::Migrate => {
             billing_ops::topics::migrate(&common).await?;
             println!("migrations applied, topics created, schemas registered");

@@ -12,11 +12,13 @@
 //! - [`templates`]: versioned email and SMS templates, validated at activation, previewed
 //!   with a real bill.
 //! - [`dlq`]: dead letters listed and replayed.
+//! - [`replay`]: a consumer group moved back (or forward) on a topic, to re-process.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
 pub mod dispatch;
 pub mod dlq;
 pub mod reconcile;
+pub mod replay;
 pub mod seed;
 pub mod settle;
 pub mod stack;

@@ -238,18 +238,31 @@ async fn a_month_settles_to_its_rules_and_reruns_replays_and_crashes_change_noth
     assert_eq!(reconciled.discrepancies, vec![]);
     assert_eq!(reconciled.bills, 300);
 
-    // When the month is settled again, and the bills topic is replayed from the beginning
+    // When the month is settled again, and the operator replays the bills topic from the
+    // beginning for the sink's group (`billing replay --to-earliest`) and the sink runs
     let again = settle(&common, month).await.unwrap();
+    let sink_group = format!("{}{}", common.topic_prefix, billing_bill_sink::NAME);
+    let moved = billing_ops::replay::replay(
+        &common,
+        &sink_group,
+        &bills_topic,
+        billing_ops::replay::Target::Earliest,
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(moved.database_rows > 0, "the sink's own offsets moved too");
+    assert!(moved.moves.iter().all(|m| m.to == 0));
     let replay = billing_bill_sink::run(
         &common,
         SinkConfig {
-            group_id: env.group("replay"),
+            group_id: sink_group,
             ..SinkConfig::bounded()
         },
         std::future::pending(),
     )
     .await
-    .unwrap();
+        .unwrap();
 
     // Then nothing changed
     assert_eq!(again.sink.bills_inserted, 0);

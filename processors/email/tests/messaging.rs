@@ -461,3 +461,37 @@ async fn a_processor_killed_mid_batch_sends_nothing_twice() {
     assert!(resubmitted <= 500, "{resubmitted} resubmissions");
     println!("killed with {at_kill} recorded sent; {resubmitted} sends resubmitted and de-duplicated by key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_email_topic_sends_nothing_twice() {
+    // Given three bills delivered by email
+    let (env, common) = setup().await;
+    bills(&common, &[1, 2, 3], &[], &[]).await;
+    let gateway = Scripted::default();
+    request(&common, &env, &[bill_id(1), bill_id(2), bill_id(3)]).await;
+    let url = common.database_url.clone();
+    let (s, tasks) = start(&common, &gateway, &config(3, 300)).await;
+    wait_for(&url, "select count(*)::bigint as n from delivery where status = 'sent'", 3, Duration::from_secs(30)).await;
+    stop(s, tasks).await;
+    let before = deliveries(&url).await;
+
+    // When the operator replays the email topic from the beginning for the email group
+    let group = format!("{}email", common.topic_prefix);
+    let topic = env.topic(&EMAIL_REQUESTS.spec);
+    let dry = billing_ops::replay::replay(&common, &group, &topic, billing_ops::replay::Target::Earliest, true).await.unwrap();
+    assert_eq!(dry.moves.iter().map(|m| m.from.unwrap_or(0)).sum::<i64>(), 3, "{dry:?}");
+    billing_ops::replay::replay(&common, &group, &topic, billing_ops::replay::Target::Earliest, false).await.unwrap();
+    assert_eq!(env.committed(&group, &topic).await.values().sum::<i64>(), 0);
+    // and the processors run again until the group is back at the end
+    let (s, tasks) = start(&common, &gateway, &config(3, 300)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.committed(&group, &topic).await.values().sum::<i64>() < 3 {
+        assert!(Instant::now() < deadline, "the replay did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop(s, tasks).await;
+
+    // Then every request was read again and nothing was sent twice or changed
+    assert_eq!(gateway.log.lock().unwrap().len(), 3);
+    assert_eq!(deliveries(&url).await, before);
+}
