@@ -91,6 +91,37 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The whole month end to end on the local stack: seed, settle, deliver on a simulated
+    /// clock with the real processors, and report.
+    Demo {
+        /// How many members.
+        #[arg(long, default_value_t = 1_000_000)]
+        members: u64,
+        /// The billing month (its bills are delivered the month after).
+        #[arg(long, default_value = "2026-11")]
+        month: BillingMonth,
+        /// The generator's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Simulated seconds per real second while bills are delivered.
+        #[arg(long, default_value_t = 14_400.0)]
+        speed: f64,
+        /// Gateway latency in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        gateway_latency_ms: u64,
+        /// Share of gateway attempts that fail transiently.
+        #[arg(long, default_value_t = 0.01)]
+        gateway_failure_rate: f64,
+        /// Seed of the gateway's failures.
+        #[arg(long, default_value_t = 7)]
+        gateway_seed: u64,
+        /// Give up delivering after this many minutes.
+        #[arg(long, default_value_t = 60)]
+        timeout_min: u64,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Apply the database migrations, create the catalogue topics and register their schemas.
     Migrate,
     /// Recompute every bill of a month from its items and the usage; exit 1 on any discrepancy.
@@ -428,6 +459,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !r.dry_run {
                 println!("  committed; {} database offset rows moved", r.database_rows);
+            }
+        }
+        Command::Demo { members, month, seed, speed, gateway_latency_ms, gateway_failure_rate, gateway_seed, timeout_min, quiet } => {
+            if !(speed.is_finite() && speed > 0.0) || !(0.0..=1.0).contains(&gateway_failure_rate) {
+                eprintln!("billing: --speed must be positive and --gateway-failure-rate between 0 and 1");
+                return Ok(ExitCode::from(2));
+            }
+            let options = billing_ops::demo::DemoOptions {
+                month, members, seed, speed, gateway_latency_ms, gateway_failure_rate, gateway_seed,
+                timeout: std::time::Duration::from_secs(timeout_min * 60),
+                progress: !quiet,
+            };
+            let r = billing_ops::demo::demo(&common, options).await?;
+            let t = &r.totals;
+            println!("\nbilling month {} (delivered on the clock {})", r.month, r.clock);
+            println!("  bills:        {:>10}   items {:>10}", t.bills, t.items);
+            println!("  total:        {:>16} won", t.total_amount);
+            println!("  discount:     {:>16} won", t.discount_amount);
+            println!("  VAT:          {:>16} won", t.vat_amount);
+            println!("  final:        {:>16} won", t.final_amount);
+            println!("  deliveries:");
+            for d in &r.deliveries {
+                println!("    {:6} {:7} {:>10} ({} attempts)", d.channel, d.status, d.deliveries, d.attempts);
+            }
+            println!("  bills sent:   {:>10}   dead: {}   dead letters recorded: {}", r.sent, r.dead, r.dead_letters);
+            println!("  stages:");
+            for s in &r.stages {
+                match s.elapsed {
+                    Some(e) => println!(
+                        "    {:8} {:>9.2} s  {:>10} records  {:>9.0} records/s",
+                        s.name, e.as_secs_f64(), s.records, s.records as f64 / e.as_secs_f64().max(1e-9)
+                    ),
+                    None => println!("    {:8} already done, skipped", s.name),
+                }
             }
         }
         Command::Migrate => {

@@ -6,6 +6,7 @@
 //!   registry): up (idempotent), down (with purge), status.
 //! - [`seed`]: the generator onto the changelog topics.
 //! - [`settle`]: settlement, the bill sink and the dead-letter recorder for a month, bounded.
+//! - [`demo`]: a whole month end to end on the local stack, with a report.
 //! - [`dispatch`]: one dispatch pass at a given instant (the operator's button), and
 //!   reservations.
 //! - [`reconcile`]: every bill checked against its items, its rules and the usage topic.
@@ -15,6 +16,7 @@
 //! - [`replay`]: a consumer group moved back (or forward) on a topic, to re-process.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
+pub mod demo;
 pub mod dispatch;
 pub mod dlq;
 pub mod reconcile;

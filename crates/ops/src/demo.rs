@@ -1,0 +1,318 @@
+//! `billing demo`: a whole billing month on the local stack, end to end.
+//!
+//! 1. The stack comes up, migrations and topics are in place.
+//! 2. The month is seeded (skipped when its members are already on the topics: the generator is
+//!    deterministic, so a second seed would only repeat the changelog and the usage).
+//! 3. The month is settled (skipped when all its bills are already in PostgreSQL).
+//! 4. The following month's delivery days are played on a simulated clock that every process
+//!    reads (`BILLING_CLOCK`): the real `dispatch`, `email`, `sms` and `dlq` binaries run as
+//!    separate processes, dispatch passes every simulated hour, quiet hours and
+//!    do-not-disturb windows hold messages by that clock, and the gateways keep their real
+//!    latency. The demo ends when every bill of the month is sent or dead.
+//! 5. A report, read back from PostgreSQL: bills and their sums, deliveries by channel and
+//!    outcome, dead letters, and time and throughput per stage.
+//!
+//! A second run on the same stack finds everything done and changes nothing.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use billing_domain::BillingMonth;
+use billing_runtime::{Clock, CommonArgs};
+use billing_schema::catalogue::MEMBERS;
+use diesel::{
+    QueryableByName,
+    sql_types::{BigInt, Text},
+};
+use diesel_async::RunQueryDsl;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rdkafka::consumer::BaseConsumer;
+use tokio::process::{Child, Command};
+
+use crate::{OpsError, settle::MonthTotals};
+
+/// How to play the month.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub month: BillingMonth,
+    pub members: u64,
+    pub seed: u64,
+    /// Simulated seconds per real second.
+    pub speed: f64,
+    pub gateway_latency_ms: u64,
+    pub gateway_failure_rate: f64,
+    pub gateway_seed: u64,
+    /// Give up when the month has not finished after this long (real time).
+    pub timeout: Duration,
+    /// Progress bars on the terminal.
+    pub progress: bool,
+}
+
+/// One stage's time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: &'static str,
+    /// `None` when the stage was already done and skipped.
+    pub elapsed: Option<Duration>,
+    pub records: u64,
+}
+
+/// Deliveries of one channel in one state.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct DeliveryCount {
+    #[diesel(sql_type = Text)]
+    pub channel: String,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = BigInt)]
+    pub deliveries: i64,
+    #[diesel(sql_type = BigInt)]
+    pub attempts: i64,
+}
+
+/// The final report, read from PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub month: BillingMonth,
+    pub totals: MonthTotals,
+    pub deliveries: Vec<DeliveryCount>,
+    /// Bills of the month that ended sent / dead.
+    pub sent: i64,
+    pub dead: i64,
+    pub dead_letters: i64,
+    pub stages: Vec<Stage>,
+    pub clock: String,
+}
+
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn count(url: &str, sql: &str, month: &str) -> Result<i64, OpsError> {
+    let mut conn = billing_db::connect(url).await?;
+    let rows: Vec<N> = diesel::sql_query(sql)
+        .bind::<Text, _>(month)
+        .load(&mut conn)
+        .await?;
+    Ok(rows.as_slice().first().map_or(0, |r| r.n))
+}
+
+const BILLS: &str = "select count(*)::bigint as n from bill where billing_month = $1";
+const DISPATCHED: &str = "select count(*)::bigint as n from dispatch d join bill b on b.id = d.bill_id where b.billing_month = $1";
+const FINISHED: &str = "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id
+                        where b.billing_month = $1 and d.status in ('sent', 'dead')";
+const SENT_BY: &str = "select count(*)::bigint as n from delivery d join bill b on b.id = d.bill_id
+                       where b.billing_month = $1 and d.status = 'sent' and d.channel = ";
+
+/// Records on the members topic (a seeded month's members are all there).
+fn members_on_topic(common: &CommonArgs) -> Result<i64, OpsError> {
+    let consumer: BaseConsumer = common.kafka().consumer_config("billing-demo-probe").create()?;
+    let topic = common.catalogue().name(&MEMBERS.spec);
+    let ends = billing_runtime::consumer::end_offsets(&consumer, &[topic])?;
+    Ok(ends.values().map(|(low, high)| high - low).sum())
+}
+
+fn bar(multi: &MultiProgress, len: u64, label: &str, show: bool) -> ProgressBar {
+    let b = if show {
+        multi.add(ProgressBar::new(len))
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{label:>12} [{{bar:40}}] {{pos:>9}}/{{len}} {{msg}}"
+    )) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b
+}
+
+/// The processor binaries sit next to the `billing` executable.
+fn binary(name: &str) -> Result<PathBuf, OpsError> {
+    let exe = std::env::current_exe().map_err(|e| OpsError::Stack(e.to_string()))?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(OpsError::Stack(format!(
+            "{} not found next to {}: build the workspace's binaries",
+            name,
+            exe.display()
+        )))
+    }
+}
+
+fn spawn(
+    name: &str,
+    common: &CommonArgs,
+    clock: &Clock,
+    options: &DemoOptions,
+    log_dir: &std::path::Path,
+) -> Result<Child, OpsError> {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))
+        .map_err(|e| OpsError::Stack(e.to_string()))?;
+    let err = log.try_clone().map_err(|e| OpsError::Stack(e.to_string()))?;
+    Command::new(binary(name)?)
+        .env("DATABASE_URL", &common.database_url)
+        .env("KAFKA_BROKERS", &common.kafka_brokers)
+        .env("SCHEMA_REGISTRY_URL", &common.schema_registry_url)
+        .env("BILLING_TZ", common.billing_tz.name())
+        .env("BILLING_TOPIC_PREFIX", &common.topic_prefix)
+        .env("BILLING_PARTITIONS", common.partitions.to_string())
+        .env("BILLING_CLOCK", clock.to_string())
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("GATEWAY_LATENCY_MS", options.gateway_latency_ms.to_string())
+        .env("GATEWAY_FAILURE_RATE", options.gateway_failure_rate.to_string())
+        .env("GATEWAY_SEED", options.gateway_seed.to_string())
+        .env("DISPATCH_INTERVAL_SECS", "3600")
+        .env("DISPATCH_POLL_MS", "200")
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| OpsError::Stack(format!("cannot start {name}: {e}")))
+}
+
+/// Plays the month; see the module docs.
+pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoReport, OpsError> {
+    let month = options.month;
+    let month_s = month.to_string();
+    let url = common.database_url.clone();
+    let mut stages = Vec::new();
+    crate::stack::up(common).await?;
+    crate::topics::migrate(common).await?;
+
+    // Seed, unless the members are already there.
+    let members = i64::try_from(options.members).unwrap_or(i64::MAX);
+    if members_on_topic(common)? >= members {
+        stages.push(Stage { name: "seed", elapsed: None, records: 0 });
+    } else {
+        let bar = options.progress.then(|| crate::seed::progress_bar(options.members));
+        let r = crate::seed::seed(
+            common,
+            crate::seed::SeedOptions { month, members: options.members, seed: options.seed },
+            bar,
+        )
+        .await?;
+        stages.push(Stage {
+            name: "seed",
+            elapsed: Some(r.elapsed),
+            records: r.members + r.products + r.usage_records,
+        });
+    }
+
+    // Settle, unless every bill is in.
+    if count(&url, BILLS, &month_s).await? >= members {
+        stages.push(Stage { name: "settle", elapsed: None, records: 0 });
+    } else {
+        if options.progress {
+            eprintln!("settling {month} ...");
+        }
+        let started = Instant::now();
+        let r = crate::settle::settle(common, month).await?;
+        stages.push(Stage {
+            name: "settle",
+            elapsed: Some(started.elapsed()),
+            records: u64::try_from(r.totals.bills).unwrap_or(0),
+        });
+    }
+    let bills = count(&url, BILLS, &month_s).await?;
+
+    // Deliver, on a simulated clock from the first day of the following month.
+    let (start, _) = month.next().bounds(common.billing_tz);
+    let clock = Clock::simulated(start, options.speed);
+    let finished_before = count(&url, FINISHED, &month_s).await?;
+    let delivery_started = Instant::now();
+    if finished_before < bills {
+        let log_dir = std::env::temp_dir().join(format!("billing-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&log_dir).map_err(|e| OpsError::Stack(e.to_string()))?;
+        let mut children = Vec::new();
+        for name in ["dlq", "sms", "email", "dispatch"] {
+            children.push((name, spawn(name, common, &clock, &options, &log_dir)?));
+        }
+        let multi = MultiProgress::new();
+        let len = u64::try_from(bills).unwrap_or(0);
+        let dispatched = bar(&multi, len, "dispatched", options.progress);
+        let email = bar(&multi, len, "email sent", options.progress);
+        let sms = bar(&multi, len, "sms sent", options.progress);
+        let done = bar(&multi, len, "finished", options.progress);
+        let outcome = loop {
+            let finished = count(&url, FINISHED, &month_s).await?;
+            dispatched.set_position(u64::try_from(count(&url, DISPATCHED, &month_s).await?).unwrap_or(0));
+            email.set_position(u64::try_from(count(&url, &format!("{SENT_BY}'email'"), &month_s).await?).unwrap_or(0));
+            sms.set_position(u64::try_from(count(&url, &format!("{SENT_BY}'sms'"), &month_s).await?).unwrap_or(0));
+            done.set_position(u64::try_from(finished).unwrap_or(0));
+            done.set_message(clock.now().with_timezone(&common.billing_tz).format("clock %m-%d %H:%M").to_string());
+            if finished >= bills {
+                break Ok(());
+            }
+            if delivery_started.elapsed() > options.timeout {
+                break Err(OpsError::Stack(format!(
+                    "{finished} of {bills} bills finished after {:?}; logs in {}",
+                    options.timeout,
+                    log_dir.display()
+                )));
+            }
+            for (name, child) in &mut children {
+                if let Ok(Some(status)) = child.try_wait() {
+                    break_out(name, status, &log_dir)?;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        for b in [&dispatched, &email, &sms, &done] {
+            b.finish();
+        }
+        for (_, child) in &mut children {
+            if let Some(pid) = child.id() {
+                // SIGTERM: each processor drains and commits before it exits.
+                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+        for (_, child) in &mut children {
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        }
+        outcome?;
+    }
+    let finished_now = count(&url, FINISHED, &month_s).await?;
+    stages.push(Stage {
+        name: "deliver",
+        elapsed: (finished_before < bills).then(|| delivery_started.elapsed()),
+        records: u64::try_from(finished_now - finished_before).unwrap_or(0),
+    });
+
+    let mut conn = billing_db::connect(&url).await?;
+    let deliveries: Vec<DeliveryCount> = diesel::sql_query(
+        "select d.channel, d.status, count(*)::bigint as deliveries, sum(d.attempts)::bigint as attempts
+         from delivery d join bill b on b.id = d.bill_id where b.billing_month = $1
+         group by 1, 2 order by 1, 2",
+    )
+    .bind::<Text, _>(&month_s)
+    .load(&mut conn)
+    .await?;
+    Ok(DemoReport {
+        month,
+        totals: crate::settle::month_totals(&url, month).await?,
+        deliveries,
+        sent: count(&url, "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id where b.billing_month = $1 and d.status = 'sent'", &month_s).await?,
+        dead: count(&url, "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id where b.billing_month = $1 and d.status = 'dead'", &month_s).await?,
+        dead_letters: count(&url, "select count(*)::bigint as n from dead_letter where $1 <> ''", &month_s).await?,
+        stages,
+        clock: clock.to_string(),
+    })
+}
+
+fn break_out(
+    name: &str,
+    status: std::process::ExitStatus,
+    log_dir: &std::path::Path,
+) -> Result<(), OpsError> {
+    Err(OpsError::Stack(format!(
+        "{name} exited ({status}); its log: {}",
+        log_dir.join(format!("{name}.log")).display()
+    )))
+}
