@@ -178,7 +178,11 @@ enum TemplateAction {
         #[arg(long)]
         subject: Option<String>,
         /// The body, plain text with {{placeholders}}; blank lines separate paragraphs.
-        #[arg(long, conflicts_with = "body_file", required_unless_present = "body_file")]
+        #[arg(
+            long,
+            conflicts_with = "body_file",
+            required_unless_present = "body_file"
+        )]
         body: Option<String>,
         /// Read the body from a file.
         #[arg(long)]
@@ -352,14 +356,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     note,
                 )
                 .await?;
-                println!("reservation {} fires at {}", r.id, r.fire_at.with_timezone(&common.billing_tz));
+                println!(
+                    "reservation {} fires at {}",
+                    r.id,
+                    r.fire_at.with_timezone(&common.billing_tz)
+                );
             }
             ReservationAction::List { all } => {
                 let rs = billing_ops::dispatch::reservations(&common, all).await?;
-                println!("{:>6}  {:25}  {:8}  {:10}  {:25}  note", "id", "fires at", "month", "members", "fired at");
+                println!(
+                    "{:>6}  {:25}  {:8}  {:10}  {:25}  note",
+                    "id", "fires at", "month", "members", "fired at"
+                );
                 for r in rs {
-                    let members = r.member_ids.as_ref().map_or("all".to_string(), |m| m.len().to_string());
-                    let fired = r.fired_at.map_or("-".to_string(), |t| t.with_timezone(&common.billing_tz).to_rfc3339());
+                    let members = r
+                        .member_ids
+                        .as_ref()
+                        .map_or("all".to_string(), |m| m.len().to_string());
+                    let fired = r.fired_at.map_or("-".to_string(), |t| {
+                        t.with_timezone(&common.billing_tz).to_rfc3339()
+                    });
                     println!(
                         "{:>6}  {:25}  {:8}  {:10}  {:25}  {}",
                         r.id,
@@ -378,36 +394,71 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Template { action } => match action {
             TemplateAction::List => {
-                println!("{:>5}  {:6}  {:20}  {:>7}  {:6}  created", "id", "chan", "name", "version", "active");
+                println!(
+                    "{:>5}  {:6}  {:20}  {:>7}  {:6}  created",
+                    "id", "chan", "name", "version", "active"
+                );
                 for t in billing_ops::templates::list(&common).await? {
                     println!(
                         "{:>5}  {:6}  {:20}  {:>7}  {:6}  {}",
-                        t.id, t.channel, t.name, t.version, if t.active { "yes" } else { "" },
-                        t.created_at.with_timezone(&common.billing_tz).format("%Y-%m-%d %H:%M")
+                        t.id,
+                        t.channel,
+                        t.name,
+                        t.version,
+                        if t.active { "yes" } else { "" },
+                        t.created_at
+                            .with_timezone(&common.billing_tz)
+                            .format("%Y-%m-%d %H:%M")
                     );
                 }
             }
             TemplateAction::Show { id } => {
                 let t = billing_ops::templates::show(&common, id).await?;
-                println!("template {} ({} {} v{}{})", t.id, t.channel, t.name, t.version, if t.active { ", active" } else { "" });
+                println!(
+                    "template {} ({} {} v{}{})",
+                    t.id,
+                    t.channel,
+                    t.name,
+                    t.version,
+                    if t.active { ", active" } else { "" }
+                );
                 if let Some(s) = &t.subject {
                     println!("subject: {s}");
                 }
                 println!("{}", t.body);
             }
-            TemplateAction::Create { channel, name, subject, body, body_file } => {
+            TemplateAction::Create {
+                channel,
+                name,
+                subject,
+                body,
+                body_file,
+            } => {
                 let body = match (body, body_file) {
                     (Some(b), _) => b,
                     (None, Some(f)) => std::fs::read_to_string(&f)
                         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", f.display()))?,
                     (None, None) => anyhow::bail!("a body is needed"),
                 };
-                let t = billing_ops::templates::create(&common, &channel, &name, subject.as_deref(), &body).await?;
-                println!("created template {} ({} {} v{}), inactive", t.id, t.channel, t.name, t.version);
+                let t = billing_ops::templates::create(
+                    &common,
+                    &channel,
+                    &name,
+                    subject.as_deref(),
+                    &body,
+                )
+                .await?;
+                println!(
+                    "created template {} ({} {} v{}), inactive",
+                    t.id, t.channel, t.name, t.version
+                );
             }
             TemplateAction::Activate { id } => {
                 let t = billing_ops::templates::activate(&common, id).await?;
-                println!("template {} ({} {} v{}) is now the active {} template", t.id, t.channel, t.name, t.version, t.channel);
+                println!(
+                    "template {} ({} {} v{}) is now the active {} template",
+                    t.id, t.channel, t.name, t.version, t.channel
+                );
             }
             TemplateAction::Preview { id, bill } => {
                 let (subject, body) = billing_ops::templates::preview(&common, id, bill).await?;
@@ -419,16 +470,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Dlq { action } => match action {
             DlqAction::List { stage, all, limit } => {
-                let filter = billing_ops::dlq::Filter { stage, include_replayed: all, limit };
+                let filter = billing_ops::dlq::Filter {
+                    stage,
+                    include_replayed: all,
+                    limit,
+                };
                 let letters = billing_ops::dlq::list(&common, &filter).await?;
-                println!("{:>7}  {:14}  {:32}  {:>9}  {:20}  reason", "id", "stage", "source", "offset", "recorded");
+                println!(
+                    "{:>7}  {:14}  {:32}  {:>9}  {:20}  reason",
+                    "id", "stage", "source", "offset", "recorded"
+                );
                 for l in &letters {
                     println!(
                         "{:>7}  {:14}  {:32}  {:>9}  {:20}  {}{}",
-                        l.id, l.stage, format!("{}[{}]", l.source_topic, l.source_partition), l.source_offset,
-                        l.created_at.with_timezone(&common.billing_tz).format("%Y-%m-%d %H:%M:%S"),
+                        l.id,
+                        l.stage,
+                        format!("{}[{}]", l.source_topic, l.source_partition),
+                        l.source_offset,
+                        l.created_at
+                            .with_timezone(&common.billing_tz)
+                            .format("%Y-%m-%d %H:%M:%S"),
                         l.reason,
-                        if l.replayed_at.is_some() { " (replayed)" } else { "" }
+                        if l.replayed_at.is_some() {
+                            " (replayed)"
+                        } else {
+                            ""
+                        }
                     );
                     if let Some(a) = l.attempts.as_array().filter(|a| !a.is_empty()) {
                         for attempt in a {
@@ -443,7 +510,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("replayed {} dead letters", done.len());
             }
         },
-        Command::Replay { group, topic, to_earliest, to_offset, to_time, dry_run } => {
+        Command::Replay {
+            group,
+            topic,
+            to_earliest,
+            to_offset,
+            to_time,
+            dry_run,
+        } => {
             use billing_ops::replay::Target;
             let target = match (to_earliest, to_offset, to_time) {
                 (true, _, _) => Target::Earliest,
@@ -452,28 +526,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => anyhow::bail!("one of --to-earliest, --to-offset, --to-time"),
             };
             let r = billing_ops::replay::replay(&common, &group, &topic, target, dry_run).await?;
-            println!("{}group {} on {}:", if r.dry_run { "(dry run) " } else { "" }, r.group, r.topic);
+            println!(
+                "{}group {} on {}:",
+                if r.dry_run { "(dry run) " } else { "" },
+                r.group,
+                r.topic
+            );
             for m in &r.moves {
                 let from = m.from.map_or("-".to_string(), |o| o.to_string());
                 println!("  partition {:>3}: {:>10} -> {}", m.partition, from, m.to);
             }
             if !r.dry_run {
-                println!("  committed; {} database offset rows moved", r.database_rows);
+                println!(
+                    "  committed; {} database offset rows moved",
+                    r.database_rows
+                );
             }
         }
-        Command::Demo { members, month, seed, speed, gateway_latency_ms, gateway_failure_rate, gateway_seed, timeout_min, quiet } => {
-            if !(speed.is_finite() && speed > 0.0) || !(0.0..=1.0).contains(&gateway_failure_rate) {
-                eprintln!("billing: --speed must be positive and --gateway-failure-rate between 0 and 1");
+        Command::Demo {
+            members,
+            month,
+            seed,
+            speed,
+            gateway_latency_ms,
+            gateway_failure_rate,
+            gateway_seed,
+            timeout_min,
+            quiet,
+        } => {
+            if !(speed.is_finite() && speed > 0.0 && (0.0..=1.0).contains(&gateway_failure_rate)) {
+                eprintln!(
+                    "billing: --speed must be positive and --gateway-failure-rate between 0 and 1"
+                );
                 return Ok(ExitCode::from(2));
             }
             let options = billing_ops::demo::DemoOptions {
-                month, members, seed, speed, gateway_latency_ms, gateway_failure_rate, gateway_seed,
+                month,
+                members,
+                seed,
+                speed,
+                gateway_latency_ms,
+                gateway_failure_rate,
+                gateway_seed,
                 timeout: std::time::Duration::from_secs(timeout_min * 60),
                 progress: !quiet,
             };
             let r = billing_ops::demo::demo(&common, options).await?;
             let t = &r.totals;
-            println!("\nbilling month {} (delivered on the clock {})", r.month, r.clock);
+            println!(
+                "\nbilling month {} (delivered on the clock {})",
+                r.month, r.clock
+            );
             println!("  bills:        {:>10}   items {:>10}", t.bills, t.items);
             println!("  total:        {:>16} won", t.total_amount);
             println!("  discount:     {:>16} won", t.discount_amount);
@@ -481,15 +584,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  final:        {:>16} won", t.final_amount);
             println!("  deliveries:");
             for d in &r.deliveries {
-                println!("    {:6} {:7} {:>10} ({} attempts)", d.channel, d.status, d.deliveries, d.attempts);
+                println!(
+                    "    {:6} {:7} {:>10} ({} attempts)",
+                    d.channel, d.status, d.deliveries, d.attempts
+                );
             }
-            println!("  bills sent:   {:>10}   dead: {}   dead letters recorded: {}", r.sent, r.dead, r.dead_letters);
+            println!(
+                "  bills sent:   {:>10}   dead: {}   dead letters recorded: {}",
+                r.sent, r.dead, r.dead_letters
+            );
             println!("  stages:");
             for s in &r.stages {
                 match s.elapsed {
                     Some(e) => println!(
                         "    {:8} {:>9.2} s  {:>10} records  {:>9.0} records/s",
-                        s.name, e.as_secs_f64(), s.records, s.records as f64 / e.as_secs_f64().max(1e-9)
+                        s.name,
+                        e.as_secs_f64(),
+                        s.records,
+                        s.records as f64 / e.as_secs_f64().max(1e-9)
                     ),
                     None => println!("    {:8} already done, skipped", s.name),
                 }

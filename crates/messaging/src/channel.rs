@@ -29,8 +29,8 @@ use std::{
 
 use billing_db::PgPool;
 use billing_runtime::{
-    Backoff, Clock, CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopDeps,
-    LoopSummary, NOT_BEFORE, Producer, Quarantine, run_consumer,
+    Backoff, Clock, CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopDeps, LoopSummary,
+    NOT_BEFORE, Producer, Quarantine, run_consumer,
 };
 use billing_schema::{
     AvroRecord, CodecError, DeadLetter, Decoder, Encoder, Registry,
@@ -245,7 +245,11 @@ impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
         };
         if bill.delivered {
             self.stats.skipped_delivered.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(bill_id = env.bill_id, channel = C::NAME, "already delivered");
+            tracing::debug!(
+                bill_id = env.bill_id,
+                channel = C::NAME,
+                "already delivered"
+            );
             return Ok(());
         }
         let settings = self.settings.get().await.map_err(retriable)?;
@@ -291,10 +295,9 @@ impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
                 if u32::try_from(attempts).is_ok_and(|a| a < self.config.attempts) =>
             {
                 let n = usize::try_from(env.attempt).unwrap_or(0);
-                let (topic, encoder) = self
-                    .retries
-                    .get(n)
-                    .ok_or_else(|| HandleError::Final(format!("no retry topic for attempt {attempts}")))?;
+                let (topic, encoder) = self.retries.get(n).ok_or_else(|| {
+                    HandleError::Final(format!("no retry topic for attempt {attempts}"))
+                })?;
                 let delay = self.config.backoff.delay(u32::try_from(n).unwrap_or(0));
                 let due = Utc::now().timestamp_millis()
                     + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -394,7 +397,10 @@ pub async fn run<C: Channel>(
     let catalogue = common.catalogue();
     let registry = Registry::new(&common.schema_registry_url)?;
     let mut retries = Vec::new();
-    for t in C::retry_topics().iter().take(usize::try_from(config.attempts - 1).unwrap_or(0)) {
+    for t in C::retry_topics()
+        .iter()
+        .take(usize::try_from(config.attempts - 1).unwrap_or(0))
+    {
         let encoder =
             Encoder::<C::Request>::register(&registry, &catalogue.value_subject(&t.spec)).await?;
         retries.push((catalogue.name(&t.spec), encoder));
@@ -435,7 +441,12 @@ pub async fn run<C: Channel>(
         handler,
         quarantine,
     };
-    tracing::info!(channel = C::NAME, max_in_flight = config.max_in_flight, attempts = config.attempts, "channel processor started");
+    tracing::info!(
+        channel = C::NAME,
+        max_in_flight = config.max_in_flight,
+        attempts = config.attempts,
+        "channel processor started"
+    );
     let consumer = run_consumer(loop_config, loop_deps, shutdown).await?;
     let s = &deps.stats;
     Ok(ChannelSummary {
@@ -445,4 +456,64 @@ pub async fn run<C: Channel>(
         gave_up: s.gave_up.load(Ordering::Relaxed),
         skipped_delivered: s.skipped_delivered.load(Ordering::Relaxed),
     })
+}
+
+impl ChannelConfig {
+    /// A configuration from a channel binary's flags (backoff capped at 5 minutes).
+    pub fn from_flags(max_in_flight: u64, attempts: u32, backoff_ms: u64) -> Self {
+        ChannelConfig {
+            max_in_flight: usize::try_from(max_in_flight).unwrap_or(usize::MAX),
+            attempts,
+            backoff: Backoff {
+                initial: Duration::from_millis(backoff_ms),
+                max: Duration::from_secs(300),
+            },
+            ..ChannelConfig::default()
+        }
+    }
+}
+
+/// A channel binary after parsing its flags: migrations, the pool, the simulated gateway
+/// (handed to `make` to build the channel), metrics and health on `METRICS_ADDR`, then
+/// [`run`] until SIGTERM.
+pub async fn serve<C, F, Fut>(
+    common: &CommonArgs,
+    config: ChannelConfig,
+    gateway: &crate::SimulationArgs,
+    make: F,
+) -> Result<ChannelSummary, MessagingError>
+where
+    C: Channel,
+    F: FnOnce(crate::SimulatedGateway) -> Fut,
+    Fut: Future<Output = Result<C, MessagingError>>,
+{
+    billing_db::migrate(&common.database_url).await?;
+    let pool = billing_db::pool(&common.database_url, config.pool_size)?;
+    let gateway = crate::SimulatedGateway::new(C::NAME, gateway, Some(pool.clone()))
+        .map_err(MessagingError::Config)?;
+    let channel = make(gateway).await?;
+    let deps = ChannelDeps {
+        pool,
+        stats: Arc::new(ChannelStats::registered(C::NAME)),
+    };
+    billing_runtime::metrics::serve(common.metrics_addr, billing_runtime::shutdown::signal())
+        .await
+        .map_err(|e| MessagingError::Config(format!("metrics endpoint: {e}")))?;
+    let summary = run(
+        common,
+        config,
+        channel,
+        deps,
+        billing_runtime::shutdown::signal(),
+    )
+    .await?;
+    tracing::info!(
+        channel = C::NAME,
+        sent = summary.sent,
+        retried = summary.retried,
+        gave_up = summary.gave_up,
+        skipped = summary.skipped_delivered,
+        "channel stopped"
+    );
+    Ok(summary)
 }

@@ -68,7 +68,11 @@ pub trait SmsGateway: Send + Sync + 'static {
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulationArgs {
     /// Latency of every send, in milliseconds.
-    #[arg(long = "gateway-latency-ms", env = "GATEWAY_LATENCY_MS", default_value_t = 1000)]
+    #[arg(
+        long = "gateway-latency-ms",
+        env = "GATEWAY_LATENCY_MS",
+        default_value_t = 1000
+    )]
     pub latency_ms: u64,
     /// Share of attempts that fail transiently (0 to 1).
     #[arg(long = "gateway-failure-rate", env = "GATEWAY_FAILURE_RATE", default_value_t = 0.01, value_parser = parse_rate)]
@@ -171,26 +175,31 @@ impl SimulatedGateway {
 }
 
 fn mailbox_writer(channel: &'static str, pool: PgPool) -> Batcher<(String, String), ()> {
-    Batcher::spawn("gateway-mailbox", 2, 2000, move |batch: Vec<(String, String)>| {
-        let pool = pool.clone();
-        async move {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            let (keys, addresses): (Vec<String>, Vec<String>) = batch.iter().cloned().unzip();
-            diesel::sql_query(
-                "insert into gateway_mailbox (channel, idempotency_key, address)
+    Batcher::spawn(
+        "gateway-mailbox",
+        2,
+        2000,
+        move |batch: Vec<(String, String)>| {
+            let pool = pool.clone();
+            async move {
+                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+                let (keys, addresses): (Vec<String>, Vec<String>) = batch.iter().cloned().unzip();
+                diesel::sql_query(
+                    "insert into gateway_mailbox (channel, idempotency_key, address)
                  select $1, k, a from unnest($2::text[], $3::text[]) as t(k, a)
                  on conflict (channel, idempotency_key)
                  do update set resubmissions = gateway_mailbox.resubmissions + 1",
-            )
-            .bind::<Text, _>(channel)
-            .bind::<Array<Text>, _>(&keys)
-            .bind::<Array<Text>, _>(&addresses)
-            .execute(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
-            Ok(vec![(); batch.len()])
-        }
-    })
+                )
+                .bind::<Text, _>(channel)
+                .bind::<Array<Text>, _>(&keys)
+                .bind::<Array<Text>, _>(&addresses)
+                .execute(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(vec![(); batch.len()])
+            }
+        },
+    )
 }
 
 impl MailGateway for SimulatedGateway {
@@ -202,7 +211,8 @@ impl MailGateway for SimulatedGateway {
 
 impl SmsGateway for SimulatedGateway {
     async fn send(&self, sms: &Sms) -> Result<(), SendError> {
-        self.submit(&sms.idempotency_key, &sms.to, sms.attempt).await
+        self.submit(&sms.idempotency_key, &sms.to, sms.attempt)
+            .await
     }
 }
 

@@ -35,9 +35,7 @@ impl Window {
         }
         let mut end = local.date().and_time(self.end);
         if end <= local {
-            end = end
-                .checked_add_days(Days::new(1))
-                .unwrap_or(end);
+            end = end.checked_add_days(Days::new(1)).unwrap_or(end);
         }
         self.tz
             .from_local_datetime(&end)

@@ -22,4 +22,6 @@ pub use channel::{
     Channel, ChannelConfig, ChannelDeps, ChannelStats, ChannelSummary, Envelope, GaveUp,
     MessagingError, run,
 };
-pub use gateway::{Mail, MailGateway, SendError, SimulatedGateway, SimulationArgs, Sms, SmsGateway};
+pub use gateway::{
+    Mail, MailGateway, SendError, SimulatedGateway, SimulationArgs, Sms, SmsGateway,
+};

@@ -217,28 +217,33 @@ fn rank(u: &DeliveryUpdate) -> (u8, i32) {
 /// two channels would break `delivery_sent_once`), its rows are written one by one so only
 /// the offending one fails.
 pub fn delivery_writer(pool: PgPool) -> Batcher<DeliveryUpdate, ()> {
-    Batcher::spawn("delivery-writer", 2, 2000, move |batch: Vec<DeliveryUpdate>| {
-        let pool = pool.clone();
-        async move {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            // One row per (bill, channel), or the upsert would touch a row twice.
-            let mut latest: HashMap<(i64, &str), &DeliveryUpdate> = HashMap::new();
-            for u in &batch {
-                let slot = latest.entry((u.bill_id, u.channel)).or_insert(u);
-                if rank(u) > rank(slot) {
-                    *slot = u;
+    Batcher::spawn(
+        "delivery-writer",
+        2,
+        2000,
+        move |batch: Vec<DeliveryUpdate>| {
+            let pool = pool.clone();
+            async move {
+                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+                // One row per (bill, channel), or the upsert would touch a row twice.
+                let mut latest: HashMap<(i64, &str), &DeliveryUpdate> = HashMap::new();
+                for u in &batch {
+                    let slot = latest.entry((u.bill_id, u.channel)).or_insert(u);
+                    if rank(u) > rank(slot) {
+                        *slot = u;
+                    }
                 }
+                let rows: Vec<&DeliveryUpdate> = latest.into_values().collect();
+                if upsert(&mut conn, &rows).await.is_ok() {
+                    return Ok(vec![(); batch.len()]);
+                }
+                for r in &rows {
+                    upsert(&mut conn, &[r]).await.map_err(|e| e.to_string())?;
+                }
+                Ok(vec![(); batch.len()])
             }
-            let rows: Vec<&DeliveryUpdate> = latest.into_values().collect();
-            if upsert(&mut conn, &rows).await.is_ok() {
-                return Ok(vec![(); batch.len()]);
-            }
-            for r in &rows {
-                upsert(&mut conn, &[r]).await.map_err(|e| e.to_string())?;
-            }
-            Ok(vec![(); batch.len()])
-        }
-    })
+        },
+    )
 }
 
 /// A template version.

@@ -78,7 +78,9 @@ pub fn placeholders(text: &str) -> Result<Vec<String>, TemplateError> {
     let mut base = 0;
     while let Some(open) = rest.find("{{") {
         let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or(TemplateError::Unclosed(base + open))?;
+        let close = after
+            .find("}}")
+            .ok_or(TemplateError::Unclosed(base + open))?;
         out.push(after[..close].trim().to_string());
         let consumed = open + 2 + close + 2;
         base += consumed;
@@ -111,7 +113,7 @@ pub fn won(amount: i64) -> String {
     let digits = amount.unsigned_abs().to_string();
     let mut out = String::with_capacity(digits.len() + 4);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -203,7 +205,7 @@ mod tests {
 
     fn bill(name: &str) -> BillView {
         BillView {
-            bill_id: 202_611_0000000001,
+            bill_id: 2_026_110_000_000_001,
             member_name: name.into(),
             billing_month: "2026-11".into(),
             total_amount: 55_000,

@@ -104,14 +104,18 @@ async fn count(url: &str, sql: &str, month: &str) -> Result<i64, OpsError> {
 
 const BILLS: &str = "select count(*)::bigint as n from bill where billing_month = $1";
 const DISPATCHED: &str = "select count(*)::bigint as n from dispatch d join bill b on b.id = d.bill_id where b.billing_month = $1";
-const FINISHED: &str = "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id
+const FINISHED: &str =
+    "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id
                         where b.billing_month = $1 and d.status in ('sent', 'dead')";
 const SENT_BY: &str = "select count(*)::bigint as n from delivery d join bill b on b.id = d.bill_id
                        where b.billing_month = $1 and d.status = 'sent' and d.channel = ";
 
 /// Records on the members topic (a seeded month's members are all there).
 fn members_on_topic(common: &CommonArgs) -> Result<i64, OpsError> {
-    let consumer: BaseConsumer = common.kafka().consumer_config("billing-demo-probe").create()?;
+    let consumer: BaseConsumer = common
+        .kafka()
+        .consumer_config("billing-demo-probe")
+        .create()?;
     let topic = common.catalogue().name(&MEMBERS.spec);
     let ends = billing_runtime::consumer::end_offsets(&consumer, &[topic])?;
     Ok(ends.values().map(|(low, high)| high - low).sum())
@@ -155,7 +159,9 @@ fn spawn(
 ) -> Result<Child, OpsError> {
     let log = std::fs::File::create(log_dir.join(format!("{name}.log")))
         .map_err(|e| OpsError::Stack(e.to_string()))?;
-    let err = log.try_clone().map_err(|e| OpsError::Stack(e.to_string()))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| OpsError::Stack(e.to_string()))?;
     Command::new(binary(name)?)
         .env("DATABASE_URL", &common.database_url)
         .env("KAFKA_BROKERS", &common.kafka_brokers)
@@ -166,7 +172,10 @@ fn spawn(
         .env("BILLING_CLOCK", clock.to_string())
         .env("METRICS_ADDR", "127.0.0.1:0")
         .env("GATEWAY_LATENCY_MS", options.gateway_latency_ms.to_string())
-        .env("GATEWAY_FAILURE_RATE", options.gateway_failure_rate.to_string())
+        .env(
+            "GATEWAY_FAILURE_RATE",
+            options.gateway_failure_rate.to_string(),
+        )
         .env("GATEWAY_SEED", options.gateway_seed.to_string())
         .env("DISPATCH_INTERVAL_SECS", "3600")
         .env("DISPATCH_POLL_MS", "200")
@@ -189,12 +198,22 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
     // Seed, unless the members are already there.
     let members = i64::try_from(options.members).unwrap_or(i64::MAX);
     if members_on_topic(common)? >= members {
-        stages.push(Stage { name: "seed", elapsed: None, records: 0 });
+        stages.push(Stage {
+            name: "seed",
+            elapsed: None,
+            records: 0,
+        });
     } else {
-        let bar = options.progress.then(|| crate::seed::progress_bar(options.members));
+        let bar = options
+            .progress
+            .then(|| crate::seed::progress_bar(options.members));
         let r = crate::seed::seed(
             common,
-            crate::seed::SeedOptions { month, members: options.members, seed: options.seed },
+            crate::seed::SeedOptions {
+                month,
+                members: options.members,
+                seed: options.seed,
+            },
             bar,
         )
         .await?;
@@ -207,7 +226,11 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
 
     // Settle, unless every bill is in.
     if count(&url, BILLS, &month_s).await? >= members {
-        stages.push(Stage { name: "settle", elapsed: None, records: 0 });
+        stages.push(Stage {
+            name: "settle",
+            elapsed: None,
+            records: 0,
+        });
     } else {
         if options.progress {
             eprintln!("settling {month} ...");
@@ -242,11 +265,24 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         let done = bar(&multi, len, "finished", options.progress);
         let outcome = loop {
             let finished = count(&url, FINISHED, &month_s).await?;
-            dispatched.set_position(u64::try_from(count(&url, DISPATCHED, &month_s).await?).unwrap_or(0));
-            email.set_position(u64::try_from(count(&url, &format!("{SENT_BY}'email'"), &month_s).await?).unwrap_or(0));
-            sms.set_position(u64::try_from(count(&url, &format!("{SENT_BY}'sms'"), &month_s).await?).unwrap_or(0));
+            dispatched
+                .set_position(u64::try_from(count(&url, DISPATCHED, &month_s).await?).unwrap_or(0));
+            email.set_position(
+                u64::try_from(count(&url, &format!("{SENT_BY}'email'"), &month_s).await?)
+                    .unwrap_or(0),
+            );
+            sms.set_position(
+                u64::try_from(count(&url, &format!("{SENT_BY}'sms'"), &month_s).await?)
+                    .unwrap_or(0),
+            );
             done.set_position(u64::try_from(finished).unwrap_or(0));
-            done.set_message(clock.now().with_timezone(&common.billing_tz).format("clock %m-%d %H:%M").to_string());
+            done.set_message(
+                clock
+                    .now()
+                    .with_timezone(&common.billing_tz)
+                    .format("clock %m-%d %H:%M")
+                    .to_string(),
+            );
             if finished >= bills {
                 break Ok(());
             }
@@ -270,7 +306,9 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         for (_, child) in &mut children {
             if let Some(pid) = child.id() {
                 // SIGTERM: each processor drains and commits before it exits.
-                let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+                let _ = std::process::Command::new("kill")
+                    .arg(pid.to_string())
+                    .status();
             }
         }
         for (_, child) in &mut children {

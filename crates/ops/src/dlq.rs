@@ -65,7 +65,9 @@ pub async fn replay(common: &CommonArgs, ids: &[i64], limit: i64) -> Result<Vec<
         .order(dead_letter::id)
         .into_boxed();
     if ids.is_empty() {
-        q = q.filter(dead_letter::replayed_at.is_null()).limit(limit.max(1));
+        q = q
+            .filter(dead_letter::replayed_at.is_null())
+            .limit(limit.max(1));
     } else {
         q = q.filter(dead_letter::id.eq_any(ids.to_vec()));
     }

@@ -85,14 +85,16 @@ impl FromStr for Clock {
         if s == "system" {
             return Ok(Clock::System);
         }
-        let spec = s
-            .strip_prefix("sim:")
-            .ok_or_else(|| format!("expected `system` or `sim:<start>,<speed>,<anchor ms>`, got {s:?}"))?;
+        let spec = s.strip_prefix("sim:").ok_or_else(|| {
+            format!("expected `system` or `sim:<start>,<speed>,<anchor ms>`, got {s:?}")
+        })?;
         let mut parts = spec.split(',');
         let (Some(start), Some(speed), Some(anchor), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(format!("expected `sim:<start>,<speed>,<anchor ms>`, got {s:?}"));
+            return Err(format!(
+                "expected `sim:<start>,<speed>,<anchor ms>`, got {s:?}"
+            ));
         };
         let start = DateTime::parse_from_rfc3339(start)
             .map_err(|e| format!("clock start {start:?}: {e}"))?
@@ -138,7 +140,10 @@ mod tests {
         assert!(elapsed >= chrono::Duration::hours(1), "{elapsed}");
         assert!(elapsed < chrono::Duration::minutes(70), "{elapsed}");
         let wait = parsed.real_until(start + chrono::Duration::hours(2));
-        assert!(wait <= Duration::from_secs(10) && wait > Duration::from_secs(9), "{wait:?}");
+        assert!(
+            wait <= Duration::from_secs(10) && wait > Duration::from_secs(9),
+            "{wait:?}"
+        );
         assert_eq!("system".parse::<Clock>().unwrap(), Clock::System);
         assert!("sim:yesterday,1,0".parse::<Clock>().is_err());
         assert!("sim:2026-12-01T00:00:00Z,0,0".parse::<Clock>().is_err());

@@ -482,13 +482,37 @@ impl LoopMetrics {
         let m = crate::metrics::global();
         let l = [("group", group)];
         LoopMetrics {
-            consumed: m.counter("billing_records_consumed_total", "Records received from the broker.", &l),
-            processed: m.counter("billing_records_processed_total", "Records handled successfully.", &l),
-            quarantined: m.counter("billing_dead_letters_total", "Records sent to the dead-letter topic.", &l),
-            retries: m.counter("billing_retries_total", "Retries of retriable handler failures.", &l),
+            consumed: m.counter(
+                "billing_records_consumed_total",
+                "Records received from the broker.",
+                &l,
+            ),
+            processed: m.counter(
+                "billing_records_processed_total",
+                "Records handled successfully.",
+                &l,
+            ),
+            quarantined: m.counter(
+                "billing_dead_letters_total",
+                "Records sent to the dead-letter topic.",
+                &l,
+            ),
+            retries: m.counter(
+                "billing_retries_total",
+                "Retries of retriable handler failures.",
+                &l,
+            ),
             in_flight: m.gauge("billing_in_flight", "Records being worked on.", &l),
-            held: m.gauge("billing_held_partitions", "Partitions paused until a delayed record is due.", &l),
-            latency: m.histogram("billing_handle_seconds", "Time from receipt to done, per record.", &l),
+            held: m.gauge(
+                "billing_held_partitions",
+                "Partitions paused until a delayed record is due.",
+                &l,
+            ),
+            latency: m.histogram(
+                "billing_handle_seconds",
+                "Time from receipt to done, per record.",
+                &l,
+            ),
         }
     }
 }
@@ -498,10 +522,17 @@ impl LoopMetrics {
 fn report_lag(consumer: &StreamConsumer, group: &str, tracker: &OffsetTracker) {
     let m = crate::metrics::global();
     for ((topic, partition), t) in &tracker.partitions {
-        if let (Some(stored), Ok((_, high))) = (t.stored, consumer.fetch_watermarks(topic, *partition, Duration::from_millis(100))) {
+        if let (Some(stored), Ok((_, high))) = (
+            t.stored,
+            consumer.fetch_watermarks(topic, *partition, Duration::from_millis(100)),
+        ) {
             let p = partition.to_string();
-            m.gauge("billing_consumer_lag", "Records behind the high watermark.", &[("group", group), ("topic", topic), ("partition", &p)])
-                .store((high - stored).max(0), std::sync::atomic::Ordering::Relaxed);
+            m.gauge(
+                "billing_consumer_lag",
+                "Records behind the high watermark.",
+                &[("group", group), ("topic", topic), ("partition", &p)],
+            )
+            .store((high - stored).max(0), std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -580,7 +611,12 @@ impl Held {
             };
             let (topic, partition) = (&key.0, key.1);
             // Records fetched behind the held one were skipped: fetch them again.
-            match consumer.seek(topic, partition, Offset::Offset(msg.offset() + 1), METADATA_TIMEOUT) {
+            match consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(msg.offset() + 1),
+                METADATA_TIMEOUT,
+            ) {
                 Ok(()) => {
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(topic, partition);
@@ -591,11 +627,14 @@ impl Held {
                 }
                 Err(e) => {
                     let assigned = consumer.assignment().is_ok_and(|a| {
-                        a.elements().iter().any(|el| el.topic() == topic && el.partition() == partition)
+                        a.elements()
+                            .iter()
+                            .any(|el| el.topic() == topic && el.partition() == partition)
                     });
                     if assigned {
                         warn!(topic = %topic, partition, error = %e, "cannot seek; retrying");
-                        self.records.insert(key, (msg, now + Duration::from_secs(1)));
+                        self.records
+                            .insert(key, (msg, now + Duration::from_secs(1)));
                     } else {
                         debug!(topic = %topic, partition, "held record's partition was revoked");
                     }
@@ -636,7 +675,10 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
 
     summary.stopped_by = loop {
         crate::metrics::global().beat();
-        metrics.held.store(i64::try_from(held.records.len()).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        metrics.held.store(
+            i64::try_from(held.records.len()).unwrap_or(0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             report_lag(&consumer, &config.group_id, &tracker);

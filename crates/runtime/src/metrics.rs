@@ -43,8 +43,10 @@ impl Histogram {
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.sum_us.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -77,8 +79,17 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 }
 
 impl Metrics {
-    fn get(&self, name: &str, help: &str, l: &[(&str, &str)], make: impl FnOnce() -> Metric) -> Metric {
-        let mut f = self.families.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn get(
+        &self,
+        name: &str,
+        help: &str,
+        l: &[(&str, &str)],
+        make: impl FnOnce() -> Metric,
+    ) -> Metric {
+        let mut f = self
+            .families
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let fam = f
             .entry(name.to_string())
             .or_insert_with(|| (help.to_string(), BTreeMap::new()));
@@ -103,8 +114,12 @@ impl Metrics {
 
     /// A latency histogram (seconds) with buckets from 1 ms to 60 s.
     pub fn histogram(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Arc<Histogram> {
-        const BOUNDS: [f64; 12] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0];
-        match self.get(name, help, l, || Metric::Histogram(Arc::new(Histogram::new(&BOUNDS)))) {
+        const BOUNDS: [f64; 12] = [
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+        ];
+        match self.get(name, help, l, || {
+            Metric::Histogram(Arc::new(Histogram::new(&BOUNDS)))
+        }) {
             Metric::Histogram(h) => h,
             _ => Arc::new(Histogram::new(&BOUNDS)),
         }
@@ -127,7 +142,10 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let f = self.families.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let f = self
+            .families
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = String::new();
         for (name, (help, series)) in f.iter() {
             let kind = match series.values().next() {
@@ -149,7 +167,11 @@ impl Metrics {
                         let inner = l.trim_start_matches('{').trim_end_matches('}');
                         let sep = if inner.is_empty() { "" } else { "," };
                         for (b, n) in h.bounds.iter().zip(&h.buckets) {
-                            let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"{b}\"}} {}", n.load(Ordering::Relaxed));
+                            let _ = writeln!(
+                                out,
+                                "{name}_bucket{{{inner}{sep}le=\"{b}\"}} {}",
+                                n.load(Ordering::Relaxed)
+                            );
                         }
                         let count = h.count.load(Ordering::Relaxed);
                         let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"+Inf\"}} {count}");
@@ -172,7 +194,10 @@ pub fn global() -> &'static Metrics {
 
 /// Serves `/metrics` and `/health` (200 while the main loop beat in the last 60 s, else 503)
 /// on `addr` until `shutdown`. Port 0 picks a free port; the bound address is logged.
-pub async fn serve(addr: SocketAddr, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
     use axum::{Router, http::StatusCode, routing::get};
     let app = Router::new()
         .route("/metrics", get(|| async { global().render() }))
@@ -190,7 +215,10 @@ pub async fn serve(addr: SocketAddr, shutdown: impl Future<Output = ()> + Send +
     let bound = listener.local_addr()?;
     tracing::info!(%bound, "metrics and health endpoint");
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::warn!(error = %e, "metrics endpoint stopped");
         }
     });
@@ -204,15 +232,32 @@ mod tests {
     #[test]
     fn renders_the_text_format() {
         let m = Metrics::default();
-        m.counter("billing_records_total", "records", &[("topic", "a")]).fetch_add(3, Ordering::Relaxed);
-        m.gauge("billing_in_flight", "in flight", &[]).store(7, Ordering::Relaxed);
-        m.histogram("billing_handle_seconds", "latency", &[("topic", "a")]).observe(Duration::from_millis(20));
+        m.counter("billing_records_total", "records", &[("topic", "a")])
+            .fetch_add(3, Ordering::Relaxed);
+        m.gauge("billing_in_flight", "in flight", &[])
+            .store(7, Ordering::Relaxed);
+        m.histogram("billing_handle_seconds", "latency", &[("topic", "a")])
+            .observe(Duration::from_millis(20));
         let text = m.render();
-        assert!(text.contains("# TYPE billing_records_total counter\nbilling_records_total{topic=\"a\"} 3"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE billing_records_total counter\nbilling_records_total{topic=\"a\"} 3"
+            ),
+            "{text}"
+        );
         assert!(text.contains("billing_in_flight 7"), "{text}");
-        assert!(text.contains("billing_handle_seconds_bucket{topic=\"a\",le=\"0.05\"} 1"), "{text}");
-        assert!(text.contains("billing_handle_seconds_bucket{topic=\"a\",le=\"0.01\"} 0"), "{text}");
-        assert!(text.contains("billing_handle_seconds_count{topic=\"a\"} 1"), "{text}");
+        assert!(
+            text.contains("billing_handle_seconds_bucket{topic=\"a\",le=\"0.05\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("billing_handle_seconds_bucket{topic=\"a\",le=\"0.01\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("billing_handle_seconds_count{topic=\"a\"} 1"),
+            "{text}"
+        );
         assert!(m.healthy(Duration::from_secs(1)));
     }
 }

@@ -7,7 +7,8 @@ async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = billing_bill_sink::Cli::parse();
     billing_db::migrate(&cli.common.database_url).await?;
-    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
+    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal())
+        .await?;
     let summary = billing_bill_sink::run(
         &cli.common,
         cli.sink.into(),

@@ -262,7 +262,7 @@ async fn a_month_settles_to_its_rules_and_reruns_replays_and_crashes_change_noth
         std::future::pending(),
     )
     .await
-        .unwrap();
+    .unwrap();
 
     // Then nothing changed
     assert_eq!(again.sink.bills_inserted, 0);

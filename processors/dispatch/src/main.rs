@@ -27,17 +27,20 @@ async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
     billing_db::migrate(&cli.common.database_url).await?;
-    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
+    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal())
+        .await?;
     let config = billing_dispatch::schedule::ScheduleConfig {
         interval: chrono::Duration::seconds(i64::try_from(cli.interval)?),
         poll: Duration::from_millis(cli.poll_ms),
     };
-    let summary = billing_dispatch::schedule::run(
-        &cli.common,
-        &config,
-        billing_runtime::shutdown::signal(),
-    )
-    .await?;
-    tracing::info!(passes = summary.passes, failed = summary.failed_passes, published = summary.published, "dispatch stopped");
+    let summary =
+        billing_dispatch::schedule::run(&cli.common, &config, billing_runtime::shutdown::signal())
+            .await?;
+    tracing::info!(
+        passes = summary.passes,
+        failed = summary.failed_passes,
+        published = summary.published,
+        "dispatch stopped"
+    );
     Ok(())
 }

@@ -6,7 +6,9 @@
 
 use billing_db::schema::dispatch_reservation;
 use chrono::{DateTime, Utc};
-use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, Queryable, Selectable, SelectableHelper};
+use diesel::{
+    ExpressionMethods, OptionalExtension, QueryDsl, Queryable, Selectable, SelectableHelper,
+};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 use crate::DispatchError;
@@ -42,7 +44,9 @@ impl Scope {
                 return Err(DispatchError::Invalid("the member list is empty".into()));
             }
             if let Some(bad) = ids.iter().find(|id| **id <= 0) {
-                return Err(DispatchError::Invalid(format!("member id {bad} is not positive")));
+                return Err(DispatchError::Invalid(format!(
+                    "member id {bad} is not positive"
+                )));
             }
         }
         Ok(())

@@ -3,9 +3,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use billing_dispatch::{
-    PassSummary, Scope, Trigger, reservation, run_pass, run_pass_interrupted,
-};
+use billing_dispatch::{PassSummary, Scope, Trigger, reservation, run_pass, run_pass_interrupted};
 use billing_schema::{Decoder, EmailRequest, catalogue::EMAIL_REQUESTS};
 use billing_testkit::TestEnv;
 use chrono::{DateTime, Utc};
@@ -153,7 +151,12 @@ async fn dispatch_picks_the_right_bills_at_the_right_time_once() {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].id, reserved.id);
     assert_eq!(all[0].fired_at, Some(kst("2026-11-24T12:30:00")));
-    assert!(reservation::list(&mut conn, false).await.unwrap().is_empty());
+    assert!(
+        reservation::list(&mut conn, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // And day 25 is caught up on the 30th, with day 31 going out on the 30th too
     let on_the_30th = run_pass(&common, kst("2026-11-30T10:00:00"), Trigger::Schedule)

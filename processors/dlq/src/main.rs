@@ -14,7 +14,8 @@ async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
     billing_db::migrate(&cli.common.database_url).await?;
-    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
+    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal())
+        .await?;
     billing_dlq::run(&cli.common, false, billing_runtime::shutdown::signal()).await?;
     Ok(())
 }

@@ -48,7 +48,13 @@ impl Scripted {
         self.script.lock().unwrap().insert(to.into(), errors.into());
     }
 
-    async fn submit(&self, channel: &'static str, key: &str, to: &str, body: &str) -> Result<(), SendError> {
+    async fn submit(
+        &self,
+        channel: &'static str,
+        key: &str,
+        to: &str,
+        body: &str,
+    ) -> Result<(), SendError> {
         let started = Instant::now();
         tokio::time::sleep(Duration::from_millis(30)).await;
         let outcome = self
@@ -81,7 +87,8 @@ impl Scripted {
 
 impl MailGateway for Scripted {
     async fn send(&self, m: &Mail) -> Result<(), SendError> {
-        self.submit("email", &m.idempotency_key, &m.to, &m.html).await
+        self.submit("email", &m.idempotency_key, &m.to, &m.html)
+            .await
     }
 }
 
@@ -120,12 +127,23 @@ async fn setup() -> (TestEnv, CommonArgs) {
 }
 
 /// Members with November bills; `names` overrides a member's name, `emails` its address.
-async fn bills(common: &CommonArgs, members: &[i64], names: &[(i64, &str)], emails: &[(i64, &str)]) {
+async fn bills(
+    common: &CommonArgs,
+    members: &[i64],
+    names: &[(i64, &str)],
+    emails: &[(i64, &str)],
+) {
     let mut conn = billing_db::connect(&common.database_url).await.unwrap();
     let mut sql = String::new();
     for &id in members {
-        let name = names.iter().find(|n| n.0 == id).map_or(format!("m{id}"), |n| n.1.replace('\'', "''"));
-        let mail = emails.iter().find(|e| e.0 == id).map_or(email(id), |e| e.1.to_string());
+        let name = names
+            .iter()
+            .find(|n| n.0 == id)
+            .map_or(format!("m{id}"), |n| n.1.replace('\'', "''"));
+        let mail = emails
+            .iter()
+            .find(|e| e.0 == id)
+            .map_or(email(id), |e| e.1.to_string());
         sql += &format!(
             "insert into member values ({id}, '{name}', '{mail}', '{p}', 1, null, null, 'plan-5g-slim', now());
              insert into bill (id, member_id, billing_month, total_amount, discount_amount, vat_amount, final_amount, settled_at)
@@ -162,7 +180,12 @@ async fn request(common: &CommonArgs, env: &TestEnv, bill_ids: &[i64]) {
             last_error: None,
         };
         producer
-            .send(&topic, Some(member.to_string().as_bytes()), Some(&encoder.encode(&r).unwrap()), None)
+            .send(
+                &topic,
+                Some(member.to_string().as_bytes()),
+                Some(&encoder.encode(&r).unwrap()),
+                None,
+            )
             .await
             .unwrap();
     }
@@ -182,10 +205,12 @@ struct DeliveryRow {
 
 async fn deliveries(url: &str) -> Vec<DeliveryRow> {
     let mut conn = billing_db::connect(url).await.unwrap();
-    diesel::sql_query("select bill_id, channel, status, attempts from delivery order by bill_id, channel")
-        .load(&mut conn)
-        .await
-        .unwrap()
+    diesel::sql_query(
+        "select bill_id, channel, status, attempts from delivery order by bill_id, channel",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap()
 }
 
 #[derive(Debug, QueryableByName)]
@@ -208,7 +233,10 @@ async fn wait_for(url: &str, sql: &str, n: i64, timeout: Duration) {
         if got >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {sql}: {got} of {n}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {sql}: {got} of {n}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -228,7 +256,14 @@ fn config(attempts: u32, backoff_ms: u64) -> ChannelConfig {
 
 /// The email, SMS and dead-letter processors in this process until the returned sender is
 /// dropped or fired.
-async fn start(common: &CommonArgs, gateway: &Scripted, cfg: &ChannelConfig) -> (tokio::sync::watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>) {
+async fn start(
+    common: &CommonArgs,
+    gateway: &Scripted,
+    cfg: &ChannelConfig,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
     let (stop, rx) = tokio::sync::watch::channel(false);
     let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -236,15 +271,22 @@ async fn start(common: &CommonArgs, gateway: &Scripted, cfg: &ChannelConfig) -> 
     let pool = billing_db::pool(&common.database_url, 4).unwrap();
     let email = EmailChannel::new(common, gateway.clone()).await.unwrap();
     let sms = SmsChannel::new(common, gateway.clone()).await.unwrap();
-    let deps = || ChannelDeps { pool: pool.clone(), stats: Arc::default() };
+    let deps = || ChannelDeps {
+        pool: pool.clone(),
+        stats: Arc::default(),
+    };
     let mut tasks = Vec::new();
     let (c, cfg1, d, r) = (common.clone(), cfg.clone(), deps(), rx.clone());
     tasks.push(tokio::spawn(async move {
-        billing_messaging::run(&c, cfg1, email, d, until(r)).await.unwrap();
+        billing_messaging::run(&c, cfg1, email, d, until(r))
+            .await
+            .unwrap();
     }));
     let (c, cfg2, d, r) = (common.clone(), cfg.clone(), deps(), rx.clone());
     tasks.push(tokio::spawn(async move {
-        billing_messaging::run(&c, cfg2, sms, d, until(r)).await.unwrap();
+        billing_messaging::run(&c, cfg2, sms, d, until(r))
+            .await
+            .unwrap();
     }));
     let (c, r) = (common.clone(), rx.clone());
     tasks.push(tokio::spawn(async move {
@@ -278,7 +320,10 @@ async fn every_bill_ends_sent_by_email_or_sms_or_dead_once() {
     let gateway = Scripted::default();
     gateway.fail(&email(2), vec![transient()]);
     gateway.fail(&email(3), vec![transient(), transient(), transient()]);
-    gateway.fail("m4@bounce.invalid", vec![SendError::Permanent("no such domain".into())]);
+    gateway.fail(
+        "m4@bounce.invalid",
+        vec![SendError::Permanent("no such domain".into())],
+    );
     gateway.fail(&email(5), vec![transient(), transient(), transient()]);
     gateway.fail(&phone(5), vec![transient(), transient(), transient()]);
 
@@ -289,11 +334,28 @@ async fn every_bill_ends_sent_by_email_or_sms_or_dead_once() {
     request(&common, &env, &ids).await;
     let (s, tasks) = start(&common, &gateway, &config(3, 300)).await;
     let url = common.database_url.clone();
-    wait_for(&url, "select count(*)::bigint as n from delivery where status in ('sent', 'dead')", 7, Duration::from_secs(60)).await;
-    wait_for(&url, "select count(*)::bigint as n from dead_letter", 2, Duration::from_secs(30)).await;
+    wait_for(
+        &url,
+        "select count(*)::bigint as n from delivery where status in ('sent', 'dead')",
+        7,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_for(
+        &url,
+        "select count(*)::bigint as n from dead_letter",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
 
     // Then each bill ends in exactly one of sent-by-email, sent-by-SMS, or dead
-    let row = |b: i64, c: &str, s: &str, a: i32| DeliveryRow { bill_id: bill_id(b), channel: c.into(), status: s.into(), attempts: a };
+    let row = |b: i64, c: &str, s: &str, a: i32| DeliveryRow {
+        bill_id: bill_id(b),
+        channel: c.into(),
+        status: s.into(),
+        attempts: a,
+    };
     assert_eq!(
         deliveries(&url).await,
         vec![
@@ -314,36 +376,90 @@ async fn every_bill_ends_sent_by_email_or_sms_or_dead_once() {
     assert_eq!(tries.len(), 3);
     assert!(tries[1].started - tries[0].started >= Duration::from_millis(300));
     assert!(tries[2].started - tries[1].started >= Duration::from_millis(600));
-    assert!(gateway.sends("email", &email(2))[1].started - gateway.sends("email", &email(2))[0].started >= Duration::from_millis(300));
+    assert!(
+        gateway.sends("email", &email(2))[1].started - gateway.sends("email", &email(2))[0].started
+            >= Duration::from_millis(300)
+    );
     // And a permanent failure went straight to SMS
     assert_eq!(gateway.sends("email", "m4@bounce.invalid").len(), 1);
     assert_eq!(gateway.sends("sms", &phone(4)).len(), 1);
     // And the duplicate request sent nothing twice
     let key = format!("email-{}", bill_id(7));
-    assert_eq!(gateway.sends("email", &email(7)).iter().filter(|s| s.ok && s.key == key).count(), 1);
+    assert_eq!(
+        gateway
+            .sends("email", &email(7))
+            .iter()
+            .filter(|s| s.ok && s.key == key)
+            .count(),
+        1
+    );
     // And the member's name is inert in the HTML
     let html = &gateway.sends("email", &email(6))[0].body;
-    assert!(html.contains("&lt;script&gt;alert('x')&lt;/script&gt;"), "{html}");
+    assert!(
+        html.contains("&lt;script&gt;alert('x')&lt;/script&gt;"),
+        "{html}"
+    );
     assert!(!html.contains("<script>"));
     // And the SMS is the short summary
     assert!(gateway.sends("sms", &phone(3))[0].body.contains("55,000원"));
     // And the dead letters name the undeliverable bill with its history, and the unknown bill
-    let letters = billing_ops::dlq::list(&common, &billing_ops::dlq::Filter { limit: 10, ..Default::default() }).await.unwrap();
-    let dead = letters.iter().find(|l| l.stage == "undeliverable").expect("undeliverable letter");
-    assert!(dead.reason.contains(&bill_id(5).to_string()), "{}", dead.reason);
-    assert_eq!(dead.attempts.as_array().unwrap().len(), 3, "{:?}", dead.attempts);
-    let unknown = letters.iter().find(|l| l.stage == "email").expect("quarantined request");
+    let letters = billing_ops::dlq::list(
+        &common,
+        &billing_ops::dlq::Filter {
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dead = letters
+        .iter()
+        .find(|l| l.stage == "undeliverable")
+        .expect("undeliverable letter");
+    assert!(
+        dead.reason.contains(&bill_id(5).to_string()),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(
+        dead.attempts.as_array().unwrap().len(),
+        3,
+        "{:?}",
+        dead.attempts
+    );
+    let unknown = letters
+        .iter()
+        .find(|l| l.stage == "email")
+        .expect("quarantined request");
     assert!(unknown.reason.contains("not found"), "{}", unknown.reason);
 
     // When the operator replays the undeliverable bill's letter and the SMS gateway works again
-    let replayed = billing_ops::dlq::replay(&common, &[dead.id], 10).await.unwrap();
+    let replayed = billing_ops::dlq::replay(&common, &[dead.id], 10)
+        .await
+        .unwrap();
     assert_eq!(replayed, vec![dead.id]);
     wait_for(&url, &format!("select count(*)::bigint as n from delivery where bill_id = {} and channel = 'sms' and status = 'sent'", bill_id(5)), 1, Duration::from_secs(30)).await;
     stop(s, tasks).await;
     // Then it is delivered by SMS, and the letter is marked replayed
-    let after = billing_ops::dlq::list(&common, &billing_ops::dlq::Filter { stage: Some("undeliverable".into()), include_replayed: true, limit: 10 }).await.unwrap();
+    let after = billing_ops::dlq::list(
+        &common,
+        &billing_ops::dlq::Filter {
+            stage: Some("undeliverable".into()),
+            include_replayed: true,
+            limit: 10,
+        },
+    )
+    .await
+    .unwrap();
     assert!(after[0].replayed_at.is_some());
-    assert_eq!(count(&url, "select count(*)::bigint as n from delivery where status = 'sent'").await, 7);
+    assert_eq!(
+        count(
+            &url,
+            "select count(*)::bigint as n from delivery where status = 'sent'"
+        )
+        .await,
+        7
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,13 +489,23 @@ async fn a_retry_due_in_quiet_hours_waits_for_their_end() {
     .await
     .unwrap();
     let quiet_ends = Instant::now() + Duration::from_secs(4);
-    wait_for(&common.database_url, "select count(*)::bigint as n from delivery where status = 'sent'", 1, Duration::from_secs(30)).await;
+    wait_for(
+        &common.database_url,
+        "select count(*)::bigint as n from delivery where status = 'sent'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
     stop(s, tasks).await;
 
     // Then the retry went out only after the quiet hours ended
     let tries = gateway.sends("email", &email(1));
     assert_eq!(tries.len(), 2);
-    assert!(tries[1].started + Duration::from_millis(200) >= quiet_ends, "sent {:?} before the end", quiet_ends - tries[1].started);
+    assert!(
+        tries[1].started + Duration::from_millis(200) >= quiet_ends,
+        "sent {:?} before the end",
+        quiet_ends - tries[1].started
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,24 +513,67 @@ async fn templates_are_checked_at_activation() {
     let (_env, common) = setup().await;
     bills(&common, &[1], &[(1, "<b>Kim</b>")], &[]).await;
     // Given a new email version that forgets the amount
-    let broken = billing_ops::templates::create(&common, "email", "monthly-bill", Some("{{billing_month}}"), "{{member_name}}님, {{billing_month}} 청구서입니다.").await.unwrap();
+    let broken = billing_ops::templates::create(
+        &common,
+        "email",
+        "monthly-bill",
+        Some("{{billing_month}}"),
+        "{{member_name}}님, {{billing_month}} 청구서입니다.",
+    )
+    .await
+    .unwrap();
     assert_eq!(broken.version, 2);
     // When it is activated, then it is refused, and version 1 stays active
-    let refused = billing_ops::templates::activate(&common, broken.id).await.unwrap_err();
-    assert!(refused.to_string().contains("missing required placeholder {{final_amount}}"), "{refused}");
-    let active: Vec<_> = billing_ops::templates::list(&common).await.unwrap().into_iter().filter(|t| t.active && t.channel == "email").collect();
+    let refused = billing_ops::templates::activate(&common, broken.id)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("missing required placeholder {{final_amount}}"),
+        "{refused}"
+    );
+    let active: Vec<_> = billing_ops::templates::list(&common)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.active && t.channel == "email")
+        .collect();
     assert_eq!(active.len(), 1);
     assert_eq!(active[0].version, 1);
     // When a correct version is activated and previewed with a real bill
-    let good = billing_ops::templates::create(&common, "email", "monthly-bill", Some("{{billing_month}} 청구서"), "{{member_name}}님\n\n금액: {{final_amount}}").await.unwrap();
-    let activated = billing_ops::templates::activate(&common, good.id).await.unwrap();
+    let good = billing_ops::templates::create(
+        &common,
+        "email",
+        "monthly-bill",
+        Some("{{billing_month}} 청구서"),
+        "{{member_name}}님\n\n금액: {{final_amount}}",
+    )
+    .await
+    .unwrap();
+    let activated = billing_ops::templates::activate(&common, good.id)
+        .await
+        .unwrap();
     assert!(activated.active);
-    let (subject, html) = billing_ops::templates::preview(&common, good.id, None).await.unwrap();
+    let (subject, html) = billing_ops::templates::preview(&common, good.id, None)
+        .await
+        .unwrap();
     // Then it is the only active one, and its preview is the bill, escaped
     assert_eq!(subject.as_deref(), Some("2026-11 청구서"));
-    assert!(html.contains("&lt;b&gt;Kim&lt;/b&gt;님") && html.contains("금액: 55,000원"), "{html}");
-    let active: Vec<_> = billing_ops::templates::list(&common).await.unwrap().into_iter().filter(|t| t.active && t.channel == "email").collect();
-    assert_eq!(active.iter().map(|t| t.version).collect::<Vec<_>>(), vec![3]);
+    assert!(
+        html.contains("&lt;b&gt;Kim&lt;/b&gt;님") && html.contains("금액: 55,000원"),
+        "{html}"
+    );
+    let active: Vec<_> = billing_ops::templates::list(&common)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.active && t.channel == "email")
+        .collect();
+    assert_eq!(
+        active.iter().map(|t| t.version).collect::<Vec<_>>(),
+        vec![3]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,24 +611,56 @@ async fn a_processor_killed_mid_batch_sends_nothing_twice() {
 
     // When it is killed (SIGKILL) with sends in flight, and started again
     let mut first = spawn();
-    wait_for(&url, "select count(*)::bigint as n from gateway_mailbox", 300, Duration::from_secs(60)).await;
+    wait_for(
+        &url,
+        "select count(*)::bigint as n from gateway_mailbox",
+        300,
+        Duration::from_secs(60),
+    )
+    .await;
     first.kill().unwrap();
     first.wait().unwrap();
-    let at_kill = count(&url, "select count(*)::bigint as n from delivery where status = 'sent'").await;
+    let at_kill = count(
+        &url,
+        "select count(*)::bigint as n from delivery where status = 'sent'",
+    )
+    .await;
     let mut second = spawn();
-    wait_for(&url, "select count(*)::bigint as n from delivery where status = 'sent'", 2000, Duration::from_secs(120)).await;
+    wait_for(
+        &url,
+        "select count(*)::bigint as n from delivery where status = 'sent'",
+        2000,
+        Duration::from_secs(120),
+    )
+    .await;
     second.kill().unwrap();
     second.wait().unwrap();
 
     // Then every bill was delivered once: one accepted message per bill, one `sent` row per bill
     assert!(at_kill < 2000, "killed after everything was sent");
-    assert_eq!(count(&url, "select count(*)::bigint as n from gateway_mailbox").await, 2000);
-    assert_eq!(count(&url, "select count(distinct bill_id)::bigint as n from delivery where status = 'sent'").await, 2000);
+    assert_eq!(
+        count(&url, "select count(*)::bigint as n from gateway_mailbox").await,
+        2000
+    );
+    assert_eq!(
+        count(
+            &url,
+            "select count(distinct bill_id)::bigint as n from delivery where status = 'sent'"
+        )
+        .await,
+        2000
+    );
     // And what the killed process had in flight was resubmitted under the same idempotency key,
     // at most the in-flight cap of it
-    let resubmitted = count(&url, "select coalesce(sum(resubmissions), 0)::bigint as n from gateway_mailbox").await;
+    let resubmitted = count(
+        &url,
+        "select coalesce(sum(resubmissions), 0)::bigint as n from gateway_mailbox",
+    )
+    .await;
     assert!(resubmitted <= 500, "{resubmitted} resubmissions");
-    println!("killed with {at_kill} recorded sent; {resubmitted} sends resubmitted and de-duplicated by key");
+    println!(
+        "killed with {at_kill} recorded sent; {resubmitted} sends resubmitted and de-duplicated by key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,16 +672,42 @@ async fn replaying_the_email_topic_sends_nothing_twice() {
     request(&common, &env, &[bill_id(1), bill_id(2), bill_id(3)]).await;
     let url = common.database_url.clone();
     let (s, tasks) = start(&common, &gateway, &config(3, 300)).await;
-    wait_for(&url, "select count(*)::bigint as n from delivery where status = 'sent'", 3, Duration::from_secs(30)).await;
+    wait_for(
+        &url,
+        "select count(*)::bigint as n from delivery where status = 'sent'",
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
     stop(s, tasks).await;
     let before = deliveries(&url).await;
 
     // When the operator replays the email topic from the beginning for the email group
     let group = format!("{}email", common.topic_prefix);
     let topic = env.topic(&EMAIL_REQUESTS.spec);
-    let dry = billing_ops::replay::replay(&common, &group, &topic, billing_ops::replay::Target::Earliest, true).await.unwrap();
-    assert_eq!(dry.moves.iter().map(|m| m.from.unwrap_or(0)).sum::<i64>(), 3, "{dry:?}");
-    billing_ops::replay::replay(&common, &group, &topic, billing_ops::replay::Target::Earliest, false).await.unwrap();
+    let dry = billing_ops::replay::replay(
+        &common,
+        &group,
+        &topic,
+        billing_ops::replay::Target::Earliest,
+        true,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dry.moves.iter().map(|m| m.from.unwrap_or(0)).sum::<i64>(),
+        3,
+        "{dry:?}"
+    );
+    billing_ops::replay::replay(
+        &common,
+        &group,
+        &topic,
+        billing_ops::replay::Target::Earliest,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(env.committed(&group, &topic).await.values().sum::<i64>(), 0);
     // and the processors run again until the group is back at the end
     let (s, tasks) = start(&common, &gateway, &config(3, 300)).await;

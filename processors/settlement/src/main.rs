@@ -7,7 +7,8 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = billing_settlement::Cli::parse();
-    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
+    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal())
+        .await?;
     billing_settlement::main_loop(cli, billing_runtime::shutdown::signal()).await?;
     Ok(())
 }

@@ -129,13 +129,25 @@ impl<G: SmsGateway> Channel for SmsChannel<G> {
             stage: UNDELIVERABLE.to_string(),
             reason: format!("bill {} undeliverable by email and SMS: {error}", r.bill_id),
             key: record.key.clone(),
-            payload: Some(self.request_encoder.encode(&replay).map_err(|e| e.to_string())?),
+            payload: Some(
+                self.request_encoder
+                    .encode(&replay)
+                    .map_err(|e| e.to_string())?,
+            ),
             attempts,
             occurred_at: chrono::Utc::now().timestamp_millis(),
         };
-        let payload = self.dlq_encoder.encode(&letter).map_err(|e| e.to_string())?;
+        let payload = self
+            .dlq_encoder
+            .encode(&letter)
+            .map_err(|e| e.to_string())?;
         self.producer
-            .send(&self.dlq_topic, Some(record.topic.as_bytes()), Some(&payload), None)
+            .send(
+                &self.dlq_topic,
+                Some(record.topic.as_bytes()),
+                Some(&payload),
+                None,
+            )
             .await
             .map_err(|e| e.to_string())?;
         Ok(GaveUp {

@@ -1,9 +1,6 @@
 //! `sms`: the sms delivery channel. See the crate docs.
 
-use std::{sync::Arc, time::Duration};
-
-use billing_messaging::{ChannelConfig, ChannelDeps, SimulatedGateway, SimulationArgs};
-use billing_runtime::Backoff;
+use billing_messaging::{ChannelConfig, SimulationArgs};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -28,33 +25,10 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
-    billing_db::migrate(&cli.common.database_url).await?;
-    let config = ChannelConfig {
-        max_in_flight: usize::try_from(cli.max_in_flight)?,
-        attempts: cli.attempts,
-        backoff: Backoff {
-            initial: Duration::from_millis(cli.backoff_ms),
-            max: Duration::from_secs(300),
-        },
-        ..ChannelConfig::default()
-    };
-    let pool = billing_db::pool(&cli.common.database_url, config.pool_size)?;
-    let gateway = SimulatedGateway::new(billing_sms::NAME, &cli.gateway, Some(pool.clone()))
-        .map_err(anyhow::Error::msg)?;
-    let channel = billing_sms::SmsChannel::new(&cli.common, gateway).await?;
-    let deps = ChannelDeps {
-        pool,
-        stats: Arc::new(billing_messaging::ChannelStats::registered(billing_sms::NAME)),
-    };
-    billing_runtime::metrics::serve(cli.common.metrics_addr, billing_runtime::shutdown::signal()).await?;
-    let summary = billing_messaging::run(
-        &cli.common,
-        config,
-        channel,
-        deps,
-        billing_runtime::shutdown::signal(),
-    )
+    let config = ChannelConfig::from_flags(cli.max_in_flight, cli.attempts, cli.backoff_ms);
+    billing_messaging::channel::serve(&cli.common, config, &cli.gateway, |gateway| {
+        billing_sms::SmsChannel::new(&cli.common, gateway)
+    })
     .await?;
-    tracing::info!(sent = summary.sent, retried = summary.retried, gave_up = summary.gave_up, skipped = summary.skipped_delivered, "sms stopped");
     Ok(())
 }
