@@ -132,8 +132,10 @@ pub async fn load_bills(
 }
 
 /// A batching bill loader: `call(bill_id)` answers `None` for a bill that does not exist.
+/// Four workers of at most 500 bills: measured fastest on 2 cores (docs/benchmarks.md); much
+/// larger batches made PostgreSQL slower per bill.
 pub fn bill_loader(pool: PgPool, items: bool) -> Batcher<i64, Option<Arc<BillContext>>> {
-    Batcher::spawn("bill-loader", 4, 1000, move |ids: Vec<i64>| {
+    Batcher::spawn("bill-loader", 4, 500, move |ids: Vec<i64>| {
         let pool = pool.clone();
         async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
