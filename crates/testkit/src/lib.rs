@@ -212,3 +212,31 @@ impl TestEnv {
             .collect()
     }
 }
+
+/// An instant given in Korea's local time (UTC+9), e.g. `kst("2026-11-24T09:00:00")`.
+pub fn kst(local: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(&format!("{local}+09:00"))
+        .expect("a local time like 2026-11-24T09:00:00")
+        .with_timezone(&chrono::Utc)
+}
+
+/// The one number `sql` selects as `n` (e.g. `select count(*)::bigint as n from bill`) on the
+/// database at `url`.
+pub async fn count(url: &str, sql: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut conn = billing_db::connect(url)
+        .await
+        .expect("connect to PostgreSQL");
+    let rows: Vec<N> = diesel::sql_query(sql)
+        .load(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.as_slice()
+        .first()
+        .map_or_else(|| panic!("{sql}: no row"), |r| r.n)
+}

@@ -16,7 +16,7 @@ use billing_ops::{
 };
 use billing_runtime::Producer;
 use billing_schema::{BillItemKind, Encoder, UsageRecord, catalogue::USAGE_RECORDS};
-use billing_testkit::TestEnv;
+use billing_testkit::{TestEnv, count};
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::RunQueryDsl;
 
@@ -48,22 +48,6 @@ async fn dump(url: &str) -> Vec<String> {
         .unwrap(),
     );
     rows.into_iter().map(|r| r.row).collect()
-}
-
-async fn count(url: &str, sql: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let mut conn = billing_db::connect(url).await.unwrap();
-    diesel::sql_query(sql)
-        .load::<N>(&mut conn)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,17 +5,9 @@ use std::{collections::HashSet, time::Duration};
 
 use billing_dispatch::{PassSummary, Scope, Trigger, reservation, run_pass, run_pass_interrupted};
 use billing_schema::{Decoder, EmailRequest, catalogue::EMAIL_REQUESTS};
-use billing_testkit::TestEnv;
-use chrono::{DateTime, Utc};
+use billing_testkit::{TestEnv, kst};
 use diesel::{QueryableByName, sql_types::Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-
-/// An instant given in Korea's local time (UTC+9).
-fn kst(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(&format!("{s}+09:00"))
-        .unwrap()
-        .with_timezone(&Utc)
-}
 
 fn bill_id(member: i64) -> i64 {
     2_026_100_000_000_000 + member

@@ -17,8 +17,8 @@ use billing_messaging::{
 use billing_runtime::{Backoff, Clock, CommonArgs, Producer};
 use billing_schema::{EmailRequest, Encoder, catalogue::EMAIL_REQUESTS};
 use billing_sms::SmsChannel;
-use billing_testkit::TestEnv;
-use chrono::{DateTime, Utc};
+use billing_testkit::{TestEnv, count, kst};
+use chrono::Utc;
 use diesel::{
     QueryableByName,
     sql_types::{BigInt, Int4, Text},
@@ -96,12 +96,6 @@ impl SmsGateway for Scripted {
     async fn send(&self, m: &Sms) -> Result<(), SendError> {
         self.submit("sms", &m.idempotency_key, &m.to, &m.text).await
     }
-}
-
-fn kst(s: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(&format!("{s}+09:00"))
-        .unwrap()
-        .with_timezone(&Utc)
 }
 
 fn bill_id(member: i64) -> i64 {
@@ -211,18 +205,6 @@ async fn deliveries(url: &str) -> Vec<DeliveryRow> {
     .load(&mut conn)
     .await
     .unwrap()
-}
-
-#[derive(Debug, QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-async fn count(url: &str, sql: &str) -> i64 {
-    let mut conn = billing_db::connect(url).await.unwrap();
-    let rows: Vec<N> = diesel::sql_query(sql).load(&mut conn).await.unwrap();
-    rows[0].n
 }
 
 /// Waits until `sql` (a `count(*)::bigint as n`) reaches `n`.
