@@ -82,6 +82,7 @@ pub struct DemoReport {
     /// Bills of the month that ended sent / dead.
     pub sent: i64,
     pub dead: i64,
+    /// Every dead letter recorded (they carry no month: quarantined records of any stage too).
     pub dead_letters: i64,
     pub stages: Vec<Stage>,
     pub clock: String,
@@ -293,9 +294,13 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
                     log_dir.display()
                 )));
             }
+            // A processor that exits early fails the demo (the others are killed on drop).
             for (name, child) in &mut children {
                 if let Ok(Some(status)) = child.try_wait() {
-                    break_out(name, status, &log_dir)?;
+                    return Err(OpsError::Stack(format!(
+                        "{name} exited ({status}); its log: {}",
+                        log_dir.join(format!("{name}.log")).display()
+                    )));
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -338,19 +343,14 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         deliveries,
         sent: count(&url, "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id where b.billing_month = $1 and d.status = 'sent'", &month_s).await?,
         dead: count(&url, "select count(distinct d.bill_id)::bigint as n from delivery d join bill b on b.id = d.bill_id where b.billing_month = $1 and d.status = 'dead'", &month_s).await?,
-        dead_letters: count(&url, "select count(*)::bigint as n from dead_letter where $1 <> ''", &month_s).await?,
+        dead_letters: {
+            use diesel::QueryDsl;
+            billing_db::schema::dead_letter::table
+                .count()
+                .get_result(&mut conn)
+                .await?
+        },
         stages,
         clock: clock.to_string(),
     })
-}
-
-fn break_out(
-    name: &str,
-    status: std::process::ExitStatus,
-    log_dir: &std::path::Path,
-) -> Result<(), OpsError> {
-    Err(OpsError::Stack(format!(
-        "{name} exited ({status}); its log: {}",
-        log_dir.join(format!("{name}.log")).display()
-    )))
 }

@@ -56,7 +56,9 @@ pub async fn activate(common: &CommonArgs, id: i64) -> Result<TemplateRow, OpsEr
         ))
     })?;
     store::activate_template(&mut conn, id).await?;
-    show(common, id).await
+    store::template(&mut conn, id)
+        .await?
+        .ok_or_else(|| OpsError::NotFound(format!("no template {id}")))
 }
 
 /// A rendered preview of version `id` (active or not) with a real bill (`bill_id`, or the
