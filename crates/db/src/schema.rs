@@ -74,6 +74,9 @@ diesel::table! {
         last_error -> Nullable<Text>,
         updated_at -> Timestamptz,
         template_version -> Nullable<Int4>,
+        claim_owner -> Nullable<Text>,
+        claim_until -> Nullable<Timestamptz>,
+        handover -> Nullable<Text>,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use billing_schema::{Bill, BillItem, BillItemKind, Member, Product, ProductKind};
+use billing_schema::{Bill, BillItem, BillItemKind, Member, Product, ProductKind, UsageRecord};
 use serde_json::json;
 
 use crate::{month::BillingMonth, products};
@@ -78,6 +78,24 @@ pub fn validate_usage(
     Ok(())
 }
 
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+/// A usage record's identity for de-duplication, `(member id, hash of usage id)`, and the
+/// hash of what it says (product, quantity, month, time). A month counts each identity once:
+/// a repeat with the same content is skipped, one with other content is refused. Settlement
+/// and reconcile both call this, so they count the same records. The 64-bit hash is scoped
+/// to one member (a few records a month), so two different ids meet with odds below 10^-12
+/// over a million members.
+pub fn usage_identity(u: &UsageRecord) -> ((i64, u64), u64) {
+    (
+        (u.member_id, hash_of(&u.usage_id)),
+        hash_of((&u.product_id, u.quantity, &u.billing_month, u.occurred_at)),
+    )
+}
+
 /// Why a member cannot be billed at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BillError {
@@ -85,6 +103,19 @@ pub enum BillError {
     UnknownProduct { member: i64, product: String },
     #[error("member {member}: amount overflow")]
     Overflow { member: i64 },
+    #[error("member {member}: {product:?} is a {found:?}, not a {expected:?}")]
+    WrongKind {
+        member: i64,
+        product: String,
+        expected: ProductKind,
+        found: ProductKind,
+    },
+    #[error("member {member}: {items} bill items, more than the {max} an item id can number")]
+    TooManyItems {
+        member: i64,
+        items: usize,
+        max: usize,
+    },
 }
 
 /// The bill's identity: `yyyymm * 10^10 + member id`, the same on every run.
@@ -103,9 +134,9 @@ fn prorate(quantity: i64, price: i64, per: i64) -> Option<i64> {
     i64::try_from(v).ok()
 }
 
-/// `amount * bp / 10000`, truncated.
-fn rate(amount: i64, bp: i32) -> i64 {
-    i64::try_from(i128::from(amount) * i128::from(bp) / 10_000).unwrap_or(0)
+/// `amount * bp / 10000`, truncated; `None` if it does not fit.
+fn rate(amount: i64, bp: i32) -> Option<i64> {
+    i64::try_from(i128::from(amount) * i128::from(bp) / 10_000).ok()
 }
 
 struct Line {
@@ -127,6 +158,38 @@ fn product<'a>(
         member,
         product: id.to_string(),
     })
+}
+
+/// A product the member holds, which must be of the kind its slot says (a plan as the plan,
+/// an add-on as an add-on, a device as the device).
+fn held<'a>(
+    products: &'a HashMap<String, Product>,
+    member: i64,
+    id: &str,
+    expected: ProductKind,
+) -> Result<&'a Product, BillError> {
+    let p = product(products, member, id)?;
+    if p.kind == expected {
+        Ok(p)
+    } else {
+        Err(BillError::WrongKind {
+            member,
+            product: id.to_string(),
+            expected,
+            found: p.kind,
+        })
+    }
+}
+
+/// The join date, if it is a date at all (days since 1970-01-01).
+pub fn joined_on(member: &Member) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::default()
+        .checked_add_signed(chrono::TimeDelta::try_days(i64::from(member.joined_on))?)
+}
+
+/// Whether the member had joined by the month's last day; a later joiner is not billed for it.
+pub fn member_in_month(member: &Member, month: BillingMonth) -> bool {
+    joined_on(member).is_some_and(|d| d < month.next().first_day())
 }
 
 fn flat_line(p: &Product, rule: &str) -> Line {
@@ -155,17 +218,17 @@ pub fn compute_bill(
 ) -> Result<Bill, BillError> {
     let id = member.member_id;
     let overflow = || BillError::Overflow { member: id };
-    let plan = product(products, id, &member.plan_id)?;
+    let plan = held(products, id, &member.plan_id, ProductKind::Plan)?;
     let mut lines = vec![flat_line(plan, "plan monthly fee")];
     for addon in &member.addon_ids {
         lines.push(flat_line(
-            product(products, id, addon)?,
+            held(products, id, addon, ProductKind::Addon)?,
             "add-on monthly fee",
         ));
     }
     if let Some(device) = &member.device_id {
         lines.push(flat_line(
-            product(products, id, device)?,
+            held(products, id, device, ProductKind::Device)?,
             "device instalment",
         ));
     }
@@ -186,7 +249,7 @@ pub fn compute_bill(
         let billable = if free == products::UNLIMITED {
             0
         } else {
-            (quantity - free).max(0)
+            quantity.checked_sub(free).ok_or_else(overflow)?.max(0)
         };
         let amount = prorate(billable, p.unit_price, p.per_units).ok_or_else(overflow)?;
         lines.push(Line {
@@ -209,8 +272,9 @@ pub fn compute_bill(
     // than what is left of the fee.
     let mut discounts: Vec<&Product> = Vec::new();
     // Whole years of membership at the first day of the month.
-    let joined = chrono::NaiveDate::default() + chrono::Duration::days(i64::from(member.joined_on));
-    let years = month.first_day().years_since(joined).unwrap_or(0);
+    let years = joined_on(member)
+        .and_then(|joined| month.first_day().years_since(joined))
+        .unwrap_or(0);
     if member.contract_months > 0 {
         discounts.push(product(products, id, products::DISCOUNT_CONTRACT)?);
     }
@@ -230,7 +294,7 @@ pub fn compute_bill(
         } else {
             plan.monthly_fee
         };
-        let mut amount = rate(base, d.discount_rate_bp);
+        let mut amount = rate(base, d.discount_rate_bp).ok_or_else(overflow)?;
         if d.discount_cap > 0 {
             amount = amount.min(d.discount_cap);
         }
@@ -260,9 +324,15 @@ pub fn compute_bill(
     let total = sum(BillItemKind::Charge, false).ok_or_else(overflow)?;
     let taxable_charges = sum(BillItemKind::Charge, true).ok_or_else(overflow)?;
     let mut discount = sum(BillItemKind::Discount, false).ok_or_else(overflow)?;
-    let taxable = (taxable_charges - discount).max(0);
+    let taxable = taxable_charges
+        .checked_sub(discount)
+        .ok_or_else(overflow)?
+        .max(0);
     let vat = taxable / VAT_PERCENT;
-    let before_rounding = total - discount + vat;
+    let before_rounding = total
+        .checked_sub(discount)
+        .and_then(|v| v.checked_add(vat))
+        .ok_or_else(overflow)?;
     let rounding = before_rounding.rem_euclid(ROUNDING_UNIT);
     if rounding > 0 {
         lines.push(Line {
@@ -274,7 +344,14 @@ pub fn compute_bill(
             snapshot: json!({ "rule": "final amount truncated to 10 won", "before": before_rounding }),
             taxable: false,
         });
-        discount += rounding;
+        discount = discount.checked_add(rounding).ok_or_else(overflow)?;
+    }
+    if lines.len() > crate::validate::MAX_ITEMS {
+        return Err(BillError::TooManyItems {
+            member: id,
+            items: lines.len(),
+            max: crate::validate::MAX_ITEMS,
+        });
     }
     let bill = bill_id(month, id);
     Ok(Bill {
@@ -284,7 +361,7 @@ pub fn compute_bill(
         total_amount: total,
         discount_amount: discount,
         vat_amount: vat,
-        final_amount: total - discount + vat,
+        final_amount: before_rounding - rounding,
         items: lines
             .into_iter()
             .enumerate()

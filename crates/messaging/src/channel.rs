@@ -42,9 +42,12 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::{
     batch::Batcher,
-    gateway::SendError,
+    gateway::{SendError, UnknownOutcome},
     hours::{Window, forbidden_until},
-    store::{self, BillContext, DeliveryUpdate, Settings, TemplateRow},
+    store::{
+        self, BillContext, ClaimRequest, ClaimState, DeliveryStatus, DeliveryUpdate, Handover,
+        Settings, TemplateRow,
+    },
 };
 
 /// What the processor needs to know of a request, whatever its type.
@@ -57,11 +60,17 @@ pub struct Envelope {
     pub attempt: i32,
 }
 
-/// What giving up on a channel did: this channel's final state and any other delivery state
-/// to record (e.g. SMS `queued`).
+/// The key a provider de-duplicates a bill's message on: the channel and the bill, never
+/// anything the request record says (a forged request naming another bill's delivery id
+/// could otherwise make a provider that honours keys drop that bill's real message).
+pub fn idempotency_key(channel: &str, bill_id: i64) -> String {
+    format!("{channel}-{bill_id}")
+}
+
+/// What giving up on a channel did besides its own outcome: other delivery state to record
+/// (e.g. SMS `queued`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GaveUp {
-    pub status: &'static str,
     pub also: Vec<DeliveryUpdate>,
 }
 
@@ -74,6 +83,9 @@ pub trait Channel: Send + Sync + 'static {
     const NAME: &'static str;
     /// Whether the bill's items are loaded (the email's table needs them, an SMS does not).
     const NEEDS_ITEMS: bool;
+    /// This channel's status once it gives up: `failed` (handed to the next channel) or
+    /// `dead` (undeliverable).
+    const GAVE_UP: DeliveryStatus;
 
     /// The request topic.
     fn topic() -> Topic<Self::Request>;
@@ -89,8 +101,12 @@ pub trait Channel: Send + Sync + 'static {
         template: &TemplateRow,
         request: &Self::Request,
     ) -> impl Future<Output = Result<(), SendError>> + Send;
+    /// The gateway's policy for a delivery whose outcome is unknown.
+    fn unknown_outcome(&self) -> UnknownOutcome;
     /// No attempts left (or a permanent failure): hand the bill on. Returns once what it
-    /// published is acknowledged.
+    /// published is acknowledged. Called after the give-up is recorded, and again if a redo
+    /// finds it recorded, so what it publishes must be harmless twice (the next channel's
+    /// claim lets one copy through).
     fn give_up(
         &self,
         bill: &BillContext,
@@ -113,6 +129,9 @@ pub struct ChannelConfig {
     pub settings_ttl: Duration,
     /// Database connections.
     pub pool_size: usize,
+    /// How long a claim on a delivery lasts: longer than any provider call can take. After
+    /// it a successor may take over a delivery whose holder died (see [`UnknownOutcome`]).
+    pub claim_lease: Duration,
 }
 
 impl Default for ChannelConfig {
@@ -126,6 +145,7 @@ impl Default for ChannelConfig {
             },
             settings_ttl: Duration::from_secs(10),
             pool_size: 8,
+            claim_lease: Duration::from_secs(60),
         }
     }
 }
@@ -182,6 +202,9 @@ pub struct ChannelHandler<C: Channel> {
     channel: C,
     loader: Batcher<i64, Option<Arc<BillContext>>>,
     writer: Batcher<DeliveryUpdate, ()>,
+    /// Claims deliveries in PostgreSQL before the gateway is called: the exclusion that spans
+    /// processes (`in_progress` only spans this one).
+    claims: Batcher<ClaimRequest, ClaimState>,
     settings: Settings,
     clock: Clock,
     tz: Tz,
@@ -220,6 +243,41 @@ impl<C: Channel> std::fmt::Debug for ChannelHandler<C> {
 
 fn retriable(e: impl std::fmt::Display) -> HandleError {
     HandleError::Retriable(e.to_string())
+}
+
+/// What to do with a request whose claim was refused, from the delivery's state. Pure: the
+/// state machine of docs/architecture.md ("a bill is sent by one process at a time").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unclaimed {
+    /// Delivered, or the delivery is past this attempt (a repeat, a forked retry chain, a
+    /// replay): nothing to do.
+    Stale,
+    /// Another process holds a live claim on it (or the same request is being claimed): ask
+    /// again shortly; its outcome, or its lease running out, decides.
+    Busy,
+    /// This very attempt's outcome is recorded; its hand-over may not have been published (the
+    /// process died in between): publish it again.
+    Republish(Handover),
+    /// Its holder died mid-send and the provider cannot de-duplicate: hold for an operator.
+    Hold,
+}
+
+/// Decides [`Unclaimed`] for a request of `attempt` (0-based) given the state that refused it.
+pub fn decide(state: &ClaimState, attempt: i32) -> Unclaimed {
+    let this = attempt.saturating_add(1);
+    match state.status {
+        Some(DeliveryStatus::Sent | DeliveryStatus::Unknown) => Unclaimed::Stale,
+        Some(DeliveryStatus::Sending) if state.attempts == this && state.expired => Unclaimed::Hold,
+        Some(DeliveryStatus::Sending) if state.attempts == this => Unclaimed::Busy,
+        Some(DeliveryStatus::Failed | DeliveryStatus::Dead) if state.attempts == this => state
+            .handover
+            .map_or(Unclaimed::Stale, Unclaimed::Republish),
+        Some(DeliveryStatus::Queued | DeliveryStatus::Failed) if state.attempts == attempt => {
+            Unclaimed::Busy
+        }
+        None => Unclaimed::Busy,
+        Some(_) => Unclaimed::Stale,
+    }
 }
 
 impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
@@ -271,72 +329,194 @@ impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
             tracing::warn!(channel = C::NAME, "no active template; waiting");
             return Err(HandleError::Defer(self.config.settings_ttl));
         };
-
-        let attempts = env.attempt.saturating_add(1);
+        let claim = self
+            .claims
+            .call(ClaimRequest {
+                bill_id: env.bill_id,
+                channel: C::NAME,
+                attempt: env.attempt,
+            })
+            .await
+            .map_err(retriable)?;
+        if !claim.claimed {
+            return self.unclaimed(&bill, record, &env, &claim).await;
+        }
         let outcome = self.channel.deliver(&bill, template, &record.value).await;
-        let update = |status, last_error| DeliveryUpdate {
+        self.record_outcome(&bill, record, &env, outcome, template.version, now)
+            .await
+    }
+}
+
+impl<C: Channel> ChannelHandler<C> {
+    /// A request whose claim was refused: see [`decide`].
+    async fn unclaimed(
+        &self,
+        bill: &BillContext,
+        record: &Incoming<C::Request>,
+        env: &Envelope,
+        claim: &ClaimState,
+    ) -> Result<(), HandleError> {
+        let error = claim.last_error.clone().unwrap_or_default();
+        match decide(claim, env.attempt) {
+            Unclaimed::Stale => {
+                self.stats.skipped_delivered.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    bill_id = env.bill_id,
+                    channel = C::NAME,
+                    attempt = env.attempt,
+                    "request behind its delivery; skipped"
+                );
+                Ok(())
+            }
+            Unclaimed::Busy => Err(HandleError::Defer(Duration::from_millis(500))),
+            Unclaimed::Republish(Handover::Retry) => self.publish_retry(record, env, &error).await,
+            Unclaimed::Republish(Handover::GiveUp) => self.give_up(bill, record, &error).await,
+            Unclaimed::Hold => {
+                self.write(DeliveryUpdate {
+                    status: DeliveryStatus::Unknown,
+                    ..self.update(env, DeliveryStatus::Unknown, None, None)
+                })
+                .await?;
+                Err(HandleError::Final(format!(
+                    "bill {} on {}: the process sending attempt {} died before the provider's answer was recorded; held for an operator (the message may have gone out)",
+                    env.bill_id,
+                    C::NAME,
+                    env.attempt + 1
+                )))
+            }
+        }
+    }
+
+    fn update(
+        &self,
+        env: &Envelope,
+        status: DeliveryStatus,
+        last_error: Option<String>,
+        handover: Option<Handover>,
+    ) -> DeliveryUpdate {
+        DeliveryUpdate {
             bill_id: env.bill_id,
             channel: C::NAME,
             status,
-            attempts,
-            sent_at: (status == "sent").then_some(now),
+            attempts: env.attempt.saturating_add(1),
+            sent_at: None,
             last_error,
-            template_version: Some(template.version),
+            template_version: None,
+            handover,
+        }
+    }
+
+    async fn write(&self, update: DeliveryUpdate) -> Result<(), HandleError> {
+        self.writer.call(update).await.map_err(retriable)
+    }
+
+    /// Records the provider's answer at once, then publishes the hand-over it implies: the
+    /// record comes first, so a crash in between leaves a redo that republishes (and the next
+    /// claim lets one copy through), never a hand-over without its record.
+    async fn record_outcome(
+        &self,
+        bill: &BillContext,
+        record: &Incoming<C::Request>,
+        env: &Envelope,
+        outcome: Result<(), SendError>,
+        template_version: i32,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<(), HandleError> {
+        let attempts = env.attempt.saturating_add(1);
+        let with_template = |mut u: DeliveryUpdate| {
+            u.template_version = Some(template_version);
+            u
         };
         match outcome {
             Ok(()) => {
-                self.writer
-                    .call(update("sent", None))
-                    .await
-                    .map_err(retriable)?;
+                let mut u = with_template(self.update(env, DeliveryStatus::Sent, None, None));
+                u.sent_at = Some(now);
+                self.write(u).await?;
                 self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
             Err(SendError::Transient(e))
                 if u32::try_from(attempts).is_ok_and(|a| a < self.config.attempts) =>
             {
-                let n = usize::try_from(env.attempt).unwrap_or(0);
-                let (topic, encoder) = self.retries.get(n).ok_or_else(|| {
-                    HandleError::Final(format!("no retry topic for attempt {attempts}"))
-                })?;
-                let delay = self.config.backoff.delay(u32::try_from(n).unwrap_or(0));
-                let due = Utc::now().timestamp_millis()
-                    + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                let due = due.to_string();
-                let next = C::next_attempt(&record.value, &e);
-                let payload = encoder.encode(&next).map_err(retriable)?;
-                let key = env.member_id.to_string();
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: NOT_BEFORE,
-                    value: Some(due.as_bytes()),
-                });
-                self.producer
-                    .send(topic, Some(key.as_bytes()), Some(&payload), Some(headers))
-                    .await
-                    .map_err(retriable)?;
-                self.writer
-                    .call(update("failed", Some(e.clone())))
-                    .await
-                    .map_err(retriable)?;
+                let u = self.update(
+                    env,
+                    DeliveryStatus::Failed,
+                    Some(e.clone()),
+                    Some(Handover::Retry),
+                );
+                self.write(with_template(u)).await?;
+                self.publish_retry(record, env, &e).await?;
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(bill_id = env.bill_id, channel = C::NAME, attempt = attempts, ?delay, error = %e, "retry scheduled");
+                Ok(())
             }
             Err(e) => {
                 let reason = e.to_string();
-                let gave_up = self
-                    .channel
-                    .give_up(&bill, record, &reason)
-                    .await
-                    .map_err(HandleError::Retriable)?;
-                self.writer
-                    .call(update(gave_up.status, Some(reason.clone())))
-                    .await
-                    .map_err(retriable)?;
-                for also in gave_up.also {
-                    self.writer.call(also).await.map_err(retriable)?;
-                }
+                let u = self.update(
+                    env,
+                    C::GAVE_UP,
+                    Some(reason.clone()),
+                    Some(Handover::GiveUp),
+                );
+                self.write(with_template(u)).await?;
+                self.give_up(bill, record, &reason).await?;
                 self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(bill_id = env.bill_id, channel = C::NAME, attempts, error = %reason, "channel gave up");
+                Ok(())
             }
+        }
+    }
+
+    /// Publishes the next attempt of `record` to its retry topic, due after its backoff.
+    async fn publish_retry(
+        &self,
+        record: &Incoming<C::Request>,
+        env: &Envelope,
+        error: &str,
+    ) -> Result<(), HandleError> {
+        let n = usize::try_from(env.attempt).unwrap_or(0);
+        let (topic, encoder) = self.retries.get(n).ok_or_else(|| {
+            HandleError::Final(format!("no retry topic for attempt {}", env.attempt + 1))
+        })?;
+        let delay = self.config.backoff.delay(u32::try_from(n).unwrap_or(0));
+        let due =
+            Utc::now().timestamp_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let due = due.to_string();
+        let next = C::next_attempt(&record.value, error);
+        let payload = encoder.encode(&next).map_err(retriable)?;
+        let key = env.member_id.to_string();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: NOT_BEFORE,
+            value: Some(due.as_bytes()),
+        });
+        self.producer
+            .send(topic, Some(key.as_bytes()), Some(&payload), Some(headers))
+            .await
+            .map_err(retriable)?;
+        tracing::debug!(
+            bill_id = env.bill_id,
+            channel = C::NAME,
+            attempt = env.attempt + 1,
+            ?delay,
+            error,
+            "retry scheduled"
+        );
+        Ok(())
+    }
+
+    /// Hands the bill on (the channel's [`Channel::give_up`]) and records what that implies.
+    async fn give_up(
+        &self,
+        bill: &BillContext,
+        record: &Incoming<C::Request>,
+        error: &str,
+    ) -> Result<(), HandleError> {
+        let gave_up = self
+            .channel
+            .give_up(bill, record, error)
+            .await
+            .map_err(HandleError::Retriable)?;
+        for also in gave_up.also {
+            self.write(also).await?;
         }
         Ok(())
     }
@@ -416,10 +596,28 @@ pub async fn run<C: Channel>(
         Arc::new(dlq_encoder),
     );
     let topics = consumed_topics::<C>(common, config.attempts);
+    let take_over = channel.unknown_outcome() == UnknownOutcome::Resend;
+    // Only the retry topics honour `billing.not-before`, each held at most its own delay
+    // (the header on a request topic, or a later instant, is someone else's forgery).
+    let delayed = retries
+        .iter()
+        .enumerate()
+        .map(|(n, (topic, _))| {
+            let delay = config.backoff.delay(u32::try_from(n).unwrap_or(u32::MAX));
+            (topic.clone(), delay)
+        })
+        .collect();
+
     let handler = Arc::new(ChannelHandler {
         channel,
         loader: store::bill_loader(deps.pool.clone(), C::NEEDS_ITEMS),
         writer: store::delivery_writer(deps.pool.clone()),
+        claims: store::claimer(
+            deps.pool.clone(),
+            format!("{}-{}", C::NAME, uuid::Uuid::new_v4().simple()),
+            config.claim_lease,
+            take_over,
+        ),
         settings: Settings::new(deps.pool.clone(), C::NAME, config.settings_ttl),
         clock: common.clock,
         tz: common.billing_tz,
@@ -431,6 +629,7 @@ pub async fn run<C: Channel>(
     });
     let mut loop_config = LoopConfig::new(format!("{}{}", common.topic_prefix, C::NAME), topics);
     loop_config.max_in_flight = config.max_in_flight;
+    loop_config.delayed = delayed;
     loop_config.backoff = Backoff {
         initial: Duration::from_millis(200),
         max: Duration::from_secs(10),
@@ -516,4 +715,65 @@ where
         "channel stopped"
     );
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(status: DeliveryStatus, attempts: i32) -> ClaimState {
+        ClaimState {
+            claimed: false,
+            status: Some(status),
+            attempts,
+            expired: false,
+            handover: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_redo_of_a_recorded_attempt_republishes_its_hand_over() {
+        let mut s = state(DeliveryStatus::Failed, 2);
+        s.handover = Some(Handover::Retry);
+        assert_eq!(decide(&s, 1), Unclaimed::Republish(Handover::Retry));
+        s.status = Some(DeliveryStatus::Dead);
+        s.handover = Some(Handover::GiveUp);
+        assert_eq!(decide(&s, 1), Unclaimed::Republish(Handover::GiveUp));
+    }
+
+    #[test]
+    fn a_request_behind_its_delivery_is_stale() {
+        // A second copy of attempt 1's request after attempt 2 was claimed (a forked chain)
+        assert_eq!(
+            decide(&state(DeliveryStatus::Sending, 3), 1),
+            Unclaimed::Stale
+        );
+        let mut s = state(DeliveryStatus::Failed, 3);
+        s.handover = Some(Handover::Retry);
+        assert_eq!(decide(&s, 1), Unclaimed::Stale);
+        assert_eq!(decide(&state(DeliveryStatus::Sent, 1), 0), Unclaimed::Stale);
+        assert_eq!(
+            decide(&state(DeliveryStatus::Unknown, 1), 0),
+            Unclaimed::Stale
+        );
+        assert_eq!(decide(&state(DeliveryStatus::Dead, 4), 0), Unclaimed::Stale);
+    }
+
+    #[test]
+    fn a_live_claim_waits_and_a_dead_holder_is_held_for_an_operator() {
+        let mut s = state(DeliveryStatus::Sending, 1);
+        assert_eq!(decide(&s, 0), Unclaimed::Busy);
+        s.expired = true;
+        assert_eq!(decide(&s, 0), Unclaimed::Hold);
+    }
+
+    #[test]
+    fn idempotency_keys_come_from_the_bill_and_channel_only() {
+        assert_eq!(
+            idempotency_key("email", 2026110000000007),
+            "email-2026110000000007"
+        );
+        assert_ne!(idempotency_key("sms", 7), idempotency_key("email", 7));
+    }
 }

@@ -56,12 +56,36 @@ pub struct Sms {
 pub trait MailGateway: Send + Sync + 'static {
     /// Submits one email; returns once the provider accepted or refused it.
     fn send(&self, mail: &Mail) -> impl Future<Output = Result<(), SendError>> + Send;
+
+    /// What to do when a sender died before this provider's answer was recorded: hold for an
+    /// operator unless the provider de-duplicates by idempotency key.
+    fn unknown_outcome(&self) -> UnknownOutcome {
+        UnknownOutcome::Hold
+    }
 }
 
 /// Sends SMS.
 pub trait SmsGateway: Send + Sync + 'static {
     /// Submits one text message; returns once the provider accepted or refused it.
     fn send(&self, sms: &Sms) -> impl Future<Output = Result<(), SendError>> + Send;
+
+    /// As [`MailGateway::unknown_outcome`].
+    fn unknown_outcome(&self) -> UnknownOutcome {
+        UnknownOutcome::Hold
+    }
+}
+
+/// What a channel does with a delivery whose process died after claiming it, before the
+/// provider's answer was recorded: the message may or may not have gone out. A property of
+/// the provider, so each gateway states it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownOutcome {
+    /// Send again once the claim's lease runs out (at least once): for providers that
+    /// de-duplicate by idempotency key, so the second submission is not a second message.
+    Resend,
+    /// Mark the delivery `unknown` and quarantine the request for an operator (at most
+    /// once): for providers without idempotency keys, such as SMTP.
+    Hold,
 }
 
 /// How the simulated gateway behaves.
@@ -207,12 +231,20 @@ impl MailGateway for SimulatedGateway {
         self.submit(&mail.idempotency_key, &mail.to, mail.attempt)
             .await
     }
+
+    fn unknown_outcome(&self) -> UnknownOutcome {
+        UnknownOutcome::Resend
+    }
 }
 
 impl SmsGateway for SimulatedGateway {
     async fn send(&self, sms: &Sms) -> Result<(), SendError> {
         self.submit(&sms.idempotency_key, &sms.to, sms.attempt)
             .await
+    }
+
+    fn unknown_outcome(&self) -> UnknownOutcome {
+        UnknownOutcome::Resend
     }
 }
 

@@ -23,5 +23,5 @@ pub use channel::{
     MessagingError, run,
 };
 pub use gateway::{
-    Mail, MailGateway, SendError, SimulatedGateway, SimulationArgs, Sms, SmsGateway,
+    Mail, MailGateway, SendError, SimulatedGateway, SimulationArgs, Sms, SmsGateway, UnknownOutcome,
 };

@@ -151,34 +151,112 @@ pub fn bill_loader(pool: PgPool, items: bool) -> Batcher<i64, Option<Arc<BillCon
     })
 }
 
-/// A change of a delivery's state.
+/// Where a delivery (one bill on one channel) stands. The order is the state machine's:
+/// within one attempt a delivery only moves to a later state (see [`DeliveryUpdate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeliveryStatus {
+    /// Handed to this channel, not yet attempted.
+    Queued,
+    /// Claimed by a process that is calling the provider now (or died doing so).
+    Sending,
+    /// The last attempt failed; a retry or the next channel follows (see the hand-over).
+    Failed,
+    /// A claim's process died before the provider's answer was recorded, and the provider
+    /// has no idempotency keys: held for an operator rather than risk a second message.
+    Unknown,
+    /// Undeliverable on every channel: a dead letter was written.
+    Dead,
+    Sent,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Queued => "queued",
+            DeliveryStatus::Sending => "sending",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Unknown => "unknown",
+            DeliveryStatus::Dead => "dead",
+            DeliveryStatus::Sent => "sent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            DeliveryStatus::Queued,
+            DeliveryStatus::Sending,
+            DeliveryStatus::Failed,
+            DeliveryStatus::Unknown,
+            DeliveryStatus::Dead,
+            DeliveryStatus::Sent,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+    }
+}
+
+/// What follows a recorded failure: written with the outcome, before it is published, so a
+/// redo of the same attempt publishes it again rather than losing or forking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Handover {
+    /// The next attempt goes to the retry topic.
+    Retry,
+    /// The channel gave up: the next channel, or the dead-letter queue.
+    GiveUp,
+}
+
+impl Handover {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handover::Retry => "retry",
+            Handover::GiveUp => "give-up",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "retry" => Some(Handover::Retry),
+            "give-up" => Some(Handover::GiveUp),
+            _ => None,
+        }
+    }
+}
+
+/// A change of a delivery's state. It is applied only if it moves the delivery forward:
+/// to more attempts, or to a later status within the same attempt; never away from `sent`.
+/// A late or repeated write therefore cannot undo a newer one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryUpdate {
     pub bill_id: i64,
     pub channel: &'static str,
-    /// `queued`, `sent`, `failed` (attempts so far, retries pending or handed to another
-    /// channel) or `dead`.
-    pub status: &'static str,
+    pub status: DeliveryStatus,
+    /// Attempts started on this channel, this one included.
     pub attempts: i32,
     /// When it was sent, by the processor's clock.
     pub sent_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub template_version: Option<i32>,
+    pub handover: Option<Handover>,
 }
 
 const UPSERT: &str = "
-    insert into delivery (bill_id, channel, status, attempts, sent_at, last_error, template_version, updated_at)
-    select b, c, s, a, t, e, v, now()
-    from unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[], $7::int[])
-         as u(b, c, s, a, t, e, v)
+    insert into delivery (bill_id, channel, status, attempts, sent_at, last_error, template_version, handover, updated_at)
+    select b, c, s, a, t, e, v, h, now()
+    from unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[], $7::int[], $8::text[])
+         as u(b, c, s, a, t, e, v, h)
     on conflict (bill_id, channel) do update
        set status = excluded.status,
-           attempts = greatest(delivery.attempts, excluded.attempts),
+           attempts = excluded.attempts,
            sent_at = coalesce(delivery.sent_at, excluded.sent_at),
            last_error = coalesce(excluded.last_error, delivery.last_error),
            template_version = coalesce(excluded.template_version, delivery.template_version),
+           handover = excluded.handover,
+           claim_owner = null,
+           claim_until = null,
            updated_at = now()
-     where delivery.status <> 'sent'";
+     where delivery.status <> 'sent'
+       and (excluded.attempts, array_position(array['queued', 'sending', 'failed', 'unknown', 'dead', 'sent'], excluded.status))
+         > (delivery.attempts, array_position(array['queued', 'sending', 'failed', 'unknown', 'dead', 'sent'], delivery.status))";
 
 async fn upsert(
     conn: &mut AsyncPgConnection,
@@ -186,11 +264,15 @@ async fn upsert(
 ) -> Result<usize, diesel::result::Error> {
     let b: Vec<i64> = rows.iter().map(|r| r.bill_id).collect();
     let c: Vec<&str> = rows.iter().map(|r| r.channel).collect();
-    let s: Vec<&str> = rows.iter().map(|r| r.status).collect();
+    let s: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
     let a: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
     let t: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.sent_at).collect();
     let e: Vec<Option<&str>> = rows.iter().map(|r| r.last_error.as_deref()).collect();
     let v: Vec<Option<i32>> = rows.iter().map(|r| r.template_version).collect();
+    let h: Vec<Option<&str>> = rows
+        .iter()
+        .map(|r| r.handover.map(Handover::as_str))
+        .collect();
     diesel::sql_query(UPSERT)
         .bind::<Array<BigInt>, _>(b)
         .bind::<Array<Text>, _>(c)
@@ -199,20 +281,140 @@ async fn upsert(
         .bind::<Array<Nullable<Timestamptz>>, _>(t)
         .bind::<Array<Nullable<Text>>, _>(e)
         .bind::<Array<Nullable<Int4>>, _>(v)
+        .bind::<Array<Nullable<Text>>, _>(h)
         .execute(conn)
         .await
 }
 
-/// Rank of a status when one batch holds two updates of the same delivery: the later state
-/// of the state machine wins.
-fn rank(u: &DeliveryUpdate) -> (u8, i32) {
-    let s = match u.status {
-        "queued" => 0,
-        "failed" => 1,
-        "dead" => 2,
-        _ => 3,
-    };
-    (s, u.attempts)
+/// Order of two updates of the same delivery: the state machine's (see [`DeliveryUpdate`]).
+fn rank(u: &DeliveryUpdate) -> (i32, DeliveryStatus) {
+    (u.attempts, u.status)
+}
+
+/// One request to claim a delivery for an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub bill_id: i64,
+    pub channel: &'static str,
+    /// The attempt the request carries (0 for the first on this channel).
+    pub attempt: i32,
+}
+
+/// A claim's answer: whether this process now holds the delivery for the attempt, and if not,
+/// the delivery's state that stood in the way.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClaimState {
+    pub claimed: bool,
+    pub status: Option<DeliveryStatus>,
+    pub attempts: i32,
+    /// The lease on a `sending` delivery has run out: its holder died.
+    pub expired: bool,
+    pub handover: Option<Handover>,
+    pub last_error: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct ClaimRow {
+    #[diesel(sql_type = BigInt)]
+    bill_id: i64,
+    #[diesel(sql_type = Bool)]
+    claimed: bool,
+    #[diesel(sql_type = Nullable<Text>)]
+    status: Option<String>,
+    #[diesel(sql_type = Nullable<Int4>)]
+    attempts: Option<i32>,
+    #[diesel(sql_type = Bool)]
+    expired: bool,
+    #[diesel(sql_type = Nullable<Text>)]
+    handover: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+}
+
+/// Claims in one statement. A delivery is claimed for attempt `n` (it becomes `sending`,
+/// `n + 1` attempts, with this owner and lease) when it does not exist yet, or stands
+/// `queued` or `failed` at exactly `n` attempts with its hand-over published, or (when
+/// `take_over`) is `sending` at `n + 1` attempts with its lease run out. The state shown for
+/// an unclaimed request is the one that stood in the way (the statement's snapshot).
+const CLAIM: &str = "
+    with req as (
+      select * from unnest($1::bigint[], $2::text[], $3::int[]) as r(b, c, n)
+    ), claimed as (
+      insert into delivery (bill_id, channel, status, attempts, claim_owner, claim_until, updated_at)
+      select b, c, 'sending', n + 1, $4, now() + make_interval(secs => $5), now() from req
+      on conflict (bill_id, channel) do update
+         set status = 'sending', attempts = excluded.attempts, handover = null,
+             claim_owner = excluded.claim_owner, claim_until = excluded.claim_until, updated_at = now()
+       where (delivery.status in ('queued', 'failed') and delivery.attempts = excluded.attempts - 1)
+          or ($6 and delivery.status = 'sending' and delivery.attempts = excluded.attempts
+              and delivery.claim_until < now())
+      returning bill_id, channel
+    )
+    select r.b as bill_id, (c.bill_id is not null) as claimed, d.status, d.attempts,
+           coalesce(d.claim_until < now(), false) as expired, d.handover, d.last_error
+    from req r
+    left join claimed c on c.bill_id = r.b and c.channel = r.c
+    left join delivery d on d.bill_id = r.b and d.channel = r.c";
+
+/// A batching claimer for one process (`owner`), with leases of `lease`. `take_over`: the
+/// provider de-duplicates by idempotency key, so a delivery whose holder died mid-send may be
+/// claimed again and re-sent (at least once); otherwise it is left for [`ClaimState::expired`]
+/// handling (at most once).
+pub fn claimer(
+    pool: PgPool,
+    owner: String,
+    lease: Duration,
+    take_over: bool,
+) -> Batcher<ClaimRequest, ClaimState> {
+    Batcher::spawn(
+        "delivery-claimer",
+        2,
+        2000,
+        move |batch: Vec<ClaimRequest>| {
+            let (pool, owner) = (pool.clone(), owner.clone());
+            async move {
+                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+                // One claim per delivery per statement (an upsert may touch a row once); a second
+                // request for the same delivery in the batch is answered "not claimed" and waits.
+                let mut seen = std::collections::HashSet::new();
+                let first: Vec<&ClaimRequest> = batch
+                    .iter()
+                    .filter(|r| seen.insert((r.bill_id, r.channel)))
+                    .collect();
+                let rows: Vec<ClaimRow> = diesel::sql_query(CLAIM)
+                    .bind::<Array<BigInt>, _>(first.iter().map(|r| r.bill_id).collect::<Vec<_>>())
+                    .bind::<Array<Text>, _>(first.iter().map(|r| r.channel).collect::<Vec<_>>())
+                    .bind::<Array<Int4>, _>(first.iter().map(|r| r.attempt).collect::<Vec<_>>())
+                    .bind::<Text, _>(&owner)
+                    .bind::<diesel::sql_types::Double, _>(lease.as_secs_f64())
+                    .bind::<Bool, _>(take_over)
+                    .load(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let by_bill: HashMap<i64, ClaimRow> =
+                    rows.into_iter().map(|r| (r.bill_id, r)).collect();
+                let mut claimed_now = std::collections::HashSet::new();
+                Ok(batch
+                    .iter()
+                    .map(|r| match by_bill.get(&r.bill_id) {
+                        Some(row) if row.claimed && claimed_now.insert(r.bill_id) => ClaimState {
+                            claimed: true,
+                            ..ClaimState::default()
+                        },
+                        Some(row) => ClaimState {
+                            claimed: false,
+                            status: row.status.as_deref().and_then(DeliveryStatus::parse),
+                            attempts: row.attempts.unwrap_or(0),
+                            expired: row.expired,
+                            handover: row.handover.as_deref().and_then(Handover::parse),
+                            last_error: row.last_error.clone(),
+                        },
+                        None => ClaimState::default(),
+                    })
+                    .collect())
+            }
+        },
+    )
 }
 
 /// A batching delivery writer. A batch is one upsert; if it is refused (a bill delivered on

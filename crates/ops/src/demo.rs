@@ -51,6 +51,10 @@ pub struct DemoOptions {
     pub progress: bool,
 }
 
+/// How long nothing may move, once the delivery month is over, before the demo says it
+/// stalled.
+const STALL: Duration = Duration::from_secs(60);
+
 /// One stage's time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
@@ -264,18 +268,24 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         let email = bar(&multi, len, "email sent", options.progress);
         let sms = bar(&multi, len, "sms sent", options.progress);
         let done = bar(&multi, len, "finished", options.progress);
+        let (_, delivery_end) = month.next().bounds(common.billing_tz);
+        let mut last_progress = (0, 0, 0, 0);
+        let mut last_change = Instant::now();
         let outcome = loop {
             let finished = count(&url, FINISHED, &month_s).await?;
-            dispatched
-                .set_position(u64::try_from(count(&url, DISPATCHED, &month_s).await?).unwrap_or(0));
-            email.set_position(
-                u64::try_from(count(&url, &format!("{SENT_BY}'email'"), &month_s).await?)
-                    .unwrap_or(0),
+            let progress = (
+                finished,
+                count(&url, DISPATCHED, &month_s).await?,
+                count(&url, &format!("{SENT_BY}'email'"), &month_s).await?,
+                count(&url, &format!("{SENT_BY}'sms'"), &month_s).await?,
             );
-            sms.set_position(
-                u64::try_from(count(&url, &format!("{SENT_BY}'sms'"), &month_s).await?)
-                    .unwrap_or(0),
-            );
+            dispatched.set_position(u64::try_from(progress.1).unwrap_or(0));
+            email.set_position(u64::try_from(progress.2).unwrap_or(0));
+            sms.set_position(u64::try_from(progress.3).unwrap_or(0));
+            if progress != last_progress {
+                last_progress = progress;
+                last_change = Instant::now();
+            }
             done.set_position(u64::try_from(finished).unwrap_or(0));
             done.set_message(
                 clock
@@ -286,6 +296,17 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
             );
             if finished >= bills {
                 break Ok(());
+            }
+            // Past the delivery month every bill is due: nothing moving then is a stall
+            // (requests on topics that are gone, a processor wedged), not a quiet hour.
+            if finished < bills && clock.now() > delivery_end && last_change.elapsed() > STALL {
+                break Err(OpsError::Stack(format!(
+                    "stalled: nothing moved for {STALL:?} after the delivery month ended ({finished} of {bills} bills finished, {} dispatched, {} sent by email, {} by SMS); if the stack was purged or its topics deleted while the database kept its rows, run `billing stack down --purge` and start again; logs in {}",
+                    progress.1,
+                    progress.2,
+                    progress.3,
+                    log_dir.display()
+                )));
             }
             if delivery_started.elapsed() > options.timeout {
                 break Err(OpsError::Stack(format!(

@@ -6,6 +6,10 @@
 
 use billing_db::schema::dead_letter;
 use billing_runtime::{CommonArgs, Producer};
+use billing_schema::{Decoder, Registry, SmsRequest, catalogue::DEAD_LETTERS};
+
+/// The stage of a dead letter for a bill undeliverable on every channel (the SMS channel's).
+pub const UNDELIVERABLE: &str = "undeliverable";
 use chrono::{DateTime, Utc};
 use diesel::{ExpressionMethods, QueryDsl, Queryable, Selectable, SelectableHelper};
 use diesel_async::RunQueryDsl;
@@ -81,9 +85,36 @@ pub async fn replay(common: &CommonArgs, ids: &[i64], limit: i64) -> Result<Vec<
             l.id
         )));
     }
+    // A letter names its own source topic, and letters can be forged: replay only to this
+    // deployment's input topics, never to an arbitrary (or the dead-letter) topic.
+    let catalogue = common.catalogue();
+    if let Some(l) = letters.iter().find(|l| {
+        catalogue
+            .spec_of(&l.source_topic)
+            .is_none_or(|s| s.name == DEAD_LETTERS.spec.name)
+    }) {
+        return Err(OpsError::Invalid(format!(
+            "dead letter {} names topic {:?}, which is not an input topic of this deployment",
+            l.id, l.source_topic
+        )));
+    }
     let producer = Producer::new(&common.kafka())?;
+    let registry = Registry::new(&common.schema_registry_url)?;
+    let sms_decoder = Decoder::<SmsRequest>::new(registry);
     let mut done = Vec::new();
     for l in &letters {
+        // An undeliverable bill is sent again from the SMS channel's first attempt: its SMS
+        // delivery is reopened, or that channel's claim would find the chain already ended.
+        if l.stage == UNDELIVERABLE {
+            let request = sms_decoder.decode(l.payload.as_deref()).await?;
+            diesel::sql_query(
+                "update delivery set status = 'queued', attempts = 0, handover = null, updated_at = now()
+                 where bill_id = $1 and channel = 'sms' and status in ('dead', 'unknown')",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(request.bill_id)
+            .execute(&mut conn)
+            .await?;
+        }
         producer
             .send(
                 &l.source_topic,

@@ -5,12 +5,16 @@
 //! the taxable part truncated, and final = total - discount + vat; (2) each usage item's
 //! amount equals the rule applied to its own snapshot (billable quantity, unit price, per
 //! units); (3) each member's usage quantities in the items equal the month's valid usage
-//! re-read from `usage-records` (records already quarantined in `dead_letter` excluded), and
-//! no usage is left without a bill.
+//! re-read from `usage-records` (records already quarantined in `dead_letter` excluded, each
+//! usage id of a member counted once, as settlement counts it), and no usage is left without
+//! a bill.
 
 use std::collections::{HashMap, HashSet};
 
-use billing_domain::{BillingMonth, rules::validate_usage};
+use billing_domain::{
+    BillingMonth,
+    rules::{usage_identity, validate_usage},
+};
 use billing_runtime::{CommonArgs, snapshot};
 use billing_schema::{
     Decoder, Product, Registry, UsageRecord,
@@ -195,6 +199,7 @@ pub async fn reconcile(
     .await?;
     let usage_decoder = Decoder::<UsageRecord>::new(registry);
     let mut used: HashMap<(i64, String), i64> = HashMap::new();
+    let mut seen: HashSet<(i64, u64)> = HashSet::new();
     let mut records = 0u64;
     snapshot::read_topic(
         &common.kafka(),
@@ -207,6 +212,9 @@ pub async fn reconcile(
             if let Ok(u) = usage_decoder.decode(r.payload()).await
                 && u.billing_month == m
                 && validate_usage(&products, &u.product_id, u.quantity).is_ok()
+                // A repeat of an identity already counted: skipped by settlement when its
+                // content is the same, quarantined (so excluded above) when it is not.
+                && seen.insert(usage_identity(&u).0)
             {
                 records += 1;
                 *used.entry((u.member_id, u.product_id)).or_insert(0) += u.quantity;

@@ -573,24 +573,34 @@ fn stop_pid_file(name: &str) -> Result<bool, OpsError> {
     Ok(true)
 }
 
+/// Deletes everything the stack's role owns in the database at `url`: its schemas, and its
+/// tables, sequences, types and functions in schemas it does not own (on PostgreSQL 15,
+/// `public` belongs to `pg_database_owner`, so dropping the role's schemas alone leaves every
+/// table there). `public` is made again, empty, if it went.
+pub async fn purge_database(url: &str) -> Result<(), OpsError> {
+    let mut conn = billing_db::connect(url).await?;
+    conn.batch_execute(
+        "do $$ declare s text; begin
+           for s in select nspname from pg_namespace
+                    where nspowner = (select oid from pg_roles where rolname = current_user)
+                      and nspname not like 'pg\\_%' and nspname <> 'information_schema'
+           loop execute format('drop schema %I cascade', s); end loop;
+         end $$;
+         drop owned by current_user cascade;
+         create schema if not exists public;",
+    )
+    .await
+    .map_err(billing_db::DbError::Query)?;
+    Ok(())
+}
+
 /// Stops the broker and registry this stack started. With `purge`, first deletes the
 /// database contents (every table and the registry's schemas) and the broker's data.
 /// PostgreSQL itself is the machine's service and keeps running.
 pub async fn down(common: &CommonArgs, purge: bool) -> Result<Vec<String>, OpsError> {
     let mut done = Vec::new();
     if purge && postgres_answers(&common.database_url).await {
-        let mut conn = billing_db::connect(&common.database_url).await?;
-        conn.batch_execute(
-            "do $$ declare s text; begin
-               for s in select nspname from pg_namespace
-                        where nspowner = (select oid from pg_roles where rolname = current_user)
-                          and nspname not like 'pg\\_%' and nspname <> 'information_schema'
-               loop execute format('drop schema %I cascade', s); end loop;
-             end $$;
-             create schema if not exists public;",
-        )
-        .await
-        .map_err(billing_db::DbError::Query)?;
+        purge_database(&common.database_url).await?;
         done.push("database contents deleted".to_string());
     }
     for name in ["registry", "broker"] {

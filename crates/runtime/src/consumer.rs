@@ -108,6 +108,10 @@ pub struct LoopConfig {
     pub backoff: Backoff,
     /// Retries of a retriable failure before the record is quarantined.
     pub max_retries: u32,
+    /// Topics whose records may carry [`NOT_BEFORE`], each with the longest hold honoured:
+    /// the header is ignored on every other topic (a forged one on a request topic cannot
+    /// stall it), and a later instant is clamped to that hold.
+    pub delayed: HashMap<String, Duration>,
 }
 
 impl LoopConfig {
@@ -120,6 +124,7 @@ impl LoopConfig {
             bounded: false,
             backoff: Backoff::default(),
             max_retries: 8,
+            delayed: HashMap::new(),
         }
     }
 }
@@ -221,6 +226,12 @@ impl OffsetTracker {
         }
     }
 
+    /// Forgets a revoked partition: records of it still in flight store nothing when they
+    /// finish, and if it comes back, tracking starts again from its committed offset.
+    pub fn forget(&mut self, topic: &str, partition: i32) {
+        self.partitions.remove(&(topic.to_string(), partition));
+    }
+
     /// The offset stored for a partition, if any.
     pub fn stored(&self, topic: &str, partition: i32) -> Option<i64> {
         self.partitions
@@ -228,6 +239,77 @@ impl OffsetTracker {
             .and_then(|t| t.stored)
     }
 }
+
+/// A change of this member's assignment, as the loop learns of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rebalanced {
+    Revoked(Vec<(String, i32)>),
+    Assigned(Vec<(String, i32)>),
+}
+
+/// The consumer's context: it hears rebalances on the polling thread (inside `recv`) and
+/// queues them for the loop, which applies them before it looks at the next record.
+///
+/// On assignment it resumes every assigned partition at once: librdkafka keeps a partition's
+/// paused flag across a revoke and a re-assign, so a partition paused for a held record (or
+/// past its bounded end) and handed back to the same member would otherwise never be read
+/// again.
+#[derive(Debug, Default, Clone)]
+pub struct LoopContext {
+    events: Arc<std::sync::Mutex<Vec<Rebalanced>>>,
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl rdkafka::ClientContext for LoopContext {}
+
+impl rdkafka::consumer::ConsumerContext for LoopContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
+            self.push(Rebalanced::Revoked(partitions_of(tpl)));
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+            if let Err(e) = consumer.resume(tpl) {
+                warn!(error = %e, "cannot resume assigned partitions");
+            }
+            self.push(Rebalanced::Assigned(partitions_of(tpl)));
+        }
+    }
+}
+
+impl LoopContext {
+    fn push(&self, event: Rebalanced) {
+        if let Ok(mut q) = self.events.lock() {
+            q.push(event);
+        }
+    }
+
+    fn take(&self) -> Vec<Rebalanced> {
+        self.events
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default()
+    }
+}
+
+/// The loop's consumer.
+type LoopConsumer = StreamConsumer<LoopContext>;
 
 /// The end offsets captured at start, and which partitions have reached them.
 #[derive(Debug)]
@@ -244,7 +326,10 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 pub type EndOffsets = HashMap<(String, i32), (i64, i64)>;
 
 /// The low and high watermarks of every partition of `topics`.
-pub fn end_offsets(consumer: &impl Consumer, topics: &[String]) -> Result<EndOffsets, KafkaError> {
+pub fn end_offsets<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topics: &[String],
+) -> Result<EndOffsets, KafkaError> {
     let mut ends = HashMap::new();
     for topic in topics {
         let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
@@ -262,7 +347,7 @@ pub fn end_offsets(consumer: &impl Consumer, topics: &[String]) -> Result<EndOff
 }
 
 impl Bounds {
-    fn capture(consumer: &StreamConsumer, topics: &[String]) -> Result<Self, KafkaError> {
+    fn capture(consumer: &LoopConsumer, topics: &[String]) -> Result<Self, KafkaError> {
         let marks = end_offsets(consumer, topics)?;
         let done = marks
             .iter()
@@ -284,7 +369,7 @@ impl Bounds {
             .is_none_or(|end| offset >= *end)
     }
 
-    fn pause(&mut self, consumer: &StreamConsumer, topic: &str, partition: i32) {
+    fn pause(&mut self, consumer: &LoopConsumer, topic: &str, partition: i32) {
         if self.paused.insert((topic.to_string(), partition)) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(topic, partition);
@@ -295,7 +380,7 @@ impl Bounds {
     }
 
     /// Whether every partition assigned to this member has reached its end.
-    fn finished(&mut self, consumer: &StreamConsumer, tracker: &OffsetTracker) -> bool {
+    fn finished(&mut self, consumer: &LoopConsumer, tracker: &OffsetTracker) -> bool {
         let Ok(assignment) = consumer.assignment() else {
             return false;
         };
@@ -454,7 +539,7 @@ async fn process<V: AvroRecord, H: Handler<V>>(
     }
 }
 
-fn store(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64) {
+fn store(consumer: &LoopConsumer, topic: &str, partition: i32, next: i64) {
     let mut tpl = TopicPartitionList::new();
     if tpl
         .add_partition_offset(topic, partition, Offset::Offset(next))
@@ -519,7 +604,7 @@ impl LoopMetrics {
 
 /// Consumer lag per tracked partition: the high watermark minus the stored offset. Asked of
 /// the broker every few seconds with a short timeout (a local round trip per partition).
-fn report_lag(consumer: &StreamConsumer, group: &str, tracker: &OffsetTracker) {
+fn report_lag(consumer: &LoopConsumer, group: &str, tracker: &OffsetTracker) {
     let m = crate::metrics::global();
     for ((topic, partition), t) in &tracker.partitions {
         if let (Some(stored), Ok((_, high))) = (
@@ -540,7 +625,7 @@ fn report_lag(consumer: &StreamConsumer, group: &str, tracker: &OffsetTracker) {
 fn record(
     summary: &mut LoopSummary,
     tracker: &mut OffsetTracker,
-    consumer: &StreamConsumer,
+    consumer: &LoopConsumer,
     metrics: &LoopMetrics,
     d: Done,
 ) {
@@ -584,7 +669,7 @@ impl Held {
     }
 
     /// Holds `msg` until `due` and pauses its partition.
-    fn hold(&mut self, consumer: &StreamConsumer, msg: OwnedMessage, due: tokio::time::Instant) {
+    fn hold(&mut self, consumer: &LoopConsumer, msg: OwnedMessage, due: tokio::time::Instant) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(msg.topic(), msg.partition());
         if let Err(e) = consumer.pause(&tpl) {
@@ -596,7 +681,7 @@ impl Held {
 
     /// The records now due, each with its partition moved back to just after it and resumed.
     /// Records of partitions no longer assigned are dropped: their new owner redoes them.
-    fn release(&mut self, consumer: &StreamConsumer) -> Vec<OwnedMessage> {
+    fn release(&mut self, consumer: &LoopConsumer) -> Vec<OwnedMessage> {
         let now = tokio::time::Instant::now();
         let due: Vec<_> = self
             .records
@@ -645,13 +730,53 @@ impl Held {
     }
 }
 
+/// How long a record must wait before it is handled: only on the topics in
+/// [`LoopConfig::delayed`], and never longer than the hold configured for that topic.
+fn hold_for(config: &LoopConfig, msg: &impl Message) -> Option<Duration> {
+    let max = config.delayed.get(msg.topic())?;
+    let wait = not_before(msg)?.saturating_sub(chrono::Utc::now().timestamp_millis());
+    (wait > 0).then(|| Duration::from_millis(wait.unsigned_abs()).min(*max))
+}
+
+/// Applies the rebalances the context heard: a revoked partition's held record and offset
+/// tracking are forgotten (its next owner reads it again from the committed offset, which
+/// never passed an unfinished record), and its bounded-mode pause is no longer ours to keep.
+fn apply_rebalances(
+    context: &LoopContext,
+    held: &mut Held,
+    tracker: &mut OffsetTracker,
+    mut bounds: Option<&mut Bounds>,
+    group: &str,
+) {
+    for event in context.take() {
+        match event {
+            Rebalanced::Revoked(parts) => {
+                for (topic, partition) in &parts {
+                    held.records.remove(&(topic.clone(), *partition));
+                    tracker.forget(topic, *partition);
+                    if let Some(b) = bounds.as_deref_mut() {
+                        b.paused.remove(&(topic.clone(), *partition));
+                    }
+                    crate::metrics::global().remove_lag(group, topic, *partition);
+                }
+                info!(group, revoked = ?parts, "partitions revoked");
+            }
+            Rebalanced::Assigned(parts) => info!(group, assigned = ?parts, "partitions assigned"),
+        }
+    }
+}
+
 /// Runs the loop until `shutdown` completes or, in bounded mode, the input is consumed.
 pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     config: LoopConfig,
     deps: LoopDeps<V, H>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<LoopSummary, LoopError> {
-    let consumer: StreamConsumer = deps.kafka.consumer_config(&config.group_id).create()?;
+    let context = LoopContext::default();
+    let consumer: LoopConsumer = deps
+        .kafka
+        .consumer_config(&config.group_id)
+        .create_with_context(context.clone())?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let mut bounds = if config.bounded {
@@ -675,6 +800,13 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
 
     summary.stopped_by = loop {
         crate::metrics::global().beat();
+        apply_rebalances(
+            &context,
+            &mut held,
+            &mut tracker,
+            bounds.as_mut(),
+            &config.group_id,
+        );
         metrics.held.store(
             i64::try_from(held.records.len()).unwrap_or(0),
             std::sync::atomic::Ordering::Relaxed,
@@ -708,6 +840,8 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             }
             msg = consumer.recv(), if in_flight.len() < config.max_in_flight => match msg {
                 Ok(m) => {
+                    // A rebalance heard inside this recv applies before its first record.
+                    apply_rebalances(&context, &mut held, &mut tracker, bounds.as_mut(), &config.group_id);
                     metrics.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                     if let Some(b) = bounds.as_mut()
@@ -719,14 +853,10 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                     if held.contains(&topic, partition) {
                         continue;
                     }
-                    if let Some(at) = not_before(&m) {
-                        let wait = at - chrono::Utc::now().timestamp_millis();
-                        if wait > 0 {
-                            tracker.begin(&topic, partition, offset);
-                            let due = tokio::time::Instant::now() + Duration::from_millis(wait.unsigned_abs());
-                            held.hold(&consumer, m.detach(), due);
-                            continue;
-                        }
+                    if let Some(wait) = hold_for(&config, &m) {
+                        tracker.begin(&topic, partition, offset);
+                        held.hold(&consumer, m.detach(), tokio::time::Instant::now() + wait);
+                        continue;
                     }
                     tracker.begin(&topic, partition, offset);
                     metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -125,6 +125,27 @@ impl Metrics {
         }
     }
 
+    /// Removes one series (a revoked partition's lag, which is no longer this process's to
+    /// report).
+    pub fn remove(&self, name: &str, l: &[(&str, &str)]) {
+        let mut f = self
+            .families
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(fam) = f.get_mut(name) {
+            fam.1.remove(&labels(l));
+        }
+    }
+
+    /// Removes the consumer-lag series of a revoked partition.
+    pub fn remove_lag(&self, group: &str, topic: &str, partition: i32) {
+        let p = partition.to_string();
+        self.remove(
+            "billing_consumer_lag",
+            &[("group", group), ("topic", topic), ("partition", &p)],
+        );
+    }
+
     /// Notes that the processor's main loop is alive.
     pub fn beat(&self) {
         if let Ok(mut h) = self.heartbeat.lock() {

@@ -34,6 +34,22 @@ pub enum ProduceError {
     Flush(#[source] KafkaError),
 }
 
+impl ProduceError {
+    /// Whether the broker (or librdkafka, before sending) refused the record for its size:
+    /// final for that record, never worth another attempt.
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            ProduceError::Delivery {
+                source: KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize
+                ),
+                ..
+            }
+        )
+    }
+}
+
 /// Where a record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {

@@ -57,7 +57,10 @@ impl Quarantine {
         &self.stage
     }
 
-    /// Writes one dead letter and waits for the broker to acknowledge it.
+    /// Writes one dead letter and waits for the broker to acknowledge it. A letter too large
+    /// for the topic (a payload near the broker's limit) is written again without the payload,
+    /// its reason saying so: the letter still names the source record, which stays on its
+    /// topic, so nothing is lost and nothing is retried forever.
     pub async fn send(
         &self,
         origin: &Origin,
@@ -67,6 +70,34 @@ impl Quarantine {
         attempts: Vec<String>,
         now_ms: i64,
     ) -> Result<(), ProduceError> {
+        match self
+            .write(origin, key, payload, reason, attempts.clone(), now_ms)
+            .await
+        {
+            Err(e) if e.is_too_large() => {
+                let len = payload.map_or(0, <[u8]>::len);
+                let reason = format!(
+                    "{reason} (payload of {len} bytes left out: too large for the dead-letter topic; read it at the source offset)"
+                );
+                self.write(origin, None, None, &reason, attempts, now_ms)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn write(
+        &self,
+        origin: &Origin,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        reason: &str,
+        attempts: Vec<String>,
+        now_ms: i64,
+    ) -> Result<(), ProduceError> {
+        // Reasons quote record text (decoder messages, keys): short, and storable as text.
+        let cleaned = reason.replace('\0', "\u{fffd}");
+        let reason = clip(&cleaned, 2000);
         let letter = DeadLetter {
             source_topic: origin.topic.clone(),
             source_partition: origin.partition,
@@ -116,4 +147,16 @@ impl Quarantine {
         tracing::warn!(stage = %self.stage, topic = %origin.topic, partition = origin.partition, offset = origin.offset, reason, "record quarantined");
         Ok(())
     }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }

@@ -274,3 +274,154 @@ async fn drains_cleanly_on_shutdown_and_resumes_without_loss_or_repeat() {
     all.sort_unstable();
     assert_eq!(all, (0..40).collect::<Vec<_>>());
 }
+
+fn not_before(at_ms: i64) -> rdkafka::message::OwnedHeaders {
+    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: billing_runtime::NOT_BEFORE,
+        value: Some(at_ms.to_string().as_bytes()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_before_holds_only_on_delayed_topics_and_never_past_their_delay() {
+    // Given a record whose not-before header is the end of time
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let enc = Encoder::<UsageRecord>::register(
+        &env.registry,
+        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(&env.kafka()).unwrap();
+    for n in 0..2 {
+        producer
+            .send(
+                &topic,
+                Some(b"1"),
+                Some(&enc.encode(&usage(n, 1)).unwrap()),
+                Some(not_before(i64::MAX)),
+            )
+            .await
+            .unwrap();
+    }
+
+    for (group, delayed) in [
+        // When a loop reads it from a topic that is not a delay topic
+        ("plain", vec![]),
+        // And when a loop reads it from a delay topic whose longest hold is a second
+        ("delayed", vec![(topic.clone(), Duration::from_secs(1))]),
+    ] {
+        let handler = Arc::new(Recorder::default());
+        let mut config = LoopConfig::new(env.group(group), vec![topic.clone()]);
+        config.bounded = true;
+        config.delayed = delayed.into_iter().collect();
+        let summary = tokio::time::timeout(
+            Duration::from_secs(60),
+            run_consumer(
+                config,
+                deps(&env, handler.clone(), "test-stage").await,
+                std::future::pending(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{group}: the forged header stalled the partition"))
+        .unwrap();
+
+        // Then both records are handled: the header is ignored, or its hold clamped
+        assert_eq!(summary.processed, 2, "{group}");
+        assert_eq!(handler.seen.lock().unwrap().len(), 2, "{group}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_partitions_moved_to_a_second_instance_mid_run_lose_nothing() {
+    // Given a delay topic of four partitions whose records are all due in a few seconds
+    let env = TestEnv::with_partitions(4).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let enc = Encoder::<UsageRecord>::register(
+        &env.registry,
+        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(&env.kafka()).unwrap();
+    let due = chrono::Utc::now().timestamp_millis() + 4_000;
+    let records = 40;
+    for n in 0..records {
+        producer
+            .send(
+                &topic,
+                Some(n.to_string().as_bytes()),
+                Some(&enc.encode(&usage(n, 1)).unwrap()),
+                Some(not_before(due)),
+            )
+            .await
+            .unwrap();
+    }
+    let group = env.group("scale");
+    let instance = |handler: Arc<Recorder>, stop: Arc<tokio::sync::Notify>| {
+        let (env, topic, group) = (env.clone(), topic.clone(), group.clone());
+        tokio::spawn(async move {
+            let mut config = LoopConfig::new(group, vec![topic.clone()]);
+            config.delayed = [(topic, Duration::from_secs(30))].into_iter().collect();
+            run_consumer(
+                config,
+                deps(&env, handler, "test-stage").await,
+                async move { stop.notified().await },
+            )
+            .await
+            .unwrap()
+        })
+    };
+
+    // When one instance holds the records with its partitions paused, and a second instance
+    // joins the group, so the partitions are revoked and shared out again
+    let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let first = instance(a.clone(), stop.clone());
+    let held = billing_runtime::metrics::global().gauge(
+        "billing_held_partitions",
+        "Partitions paused until a delayed record is due.",
+        &[("group", &group)],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while held.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first instance never held a record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = instance(b.clone(), stop.clone());
+
+    // Then every record is handled by one instance or the other, and the group's committed
+    // offsets reach the end of every partition
+    let all: std::collections::BTreeSet<String> = (0..records).map(|n| format!("u{n}")).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let seen: std::collections::BTreeSet<String> = a
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .chain(b.seen.lock().unwrap().iter())
+            .map(|(_, id)| id.clone())
+            .collect();
+        if seen == all {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "records never handled after the rebalance: {:?}",
+            all.difference(&seen).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.notify_waiters();
+    first.await.unwrap();
+    second.await.unwrap();
+    let committed = env.committed(&group, &topic).await;
+    let total: i64 = committed.values().sum();
+    assert_eq!(total, records, "committed offsets {committed:?}");
+}

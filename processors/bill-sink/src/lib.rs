@@ -26,6 +26,7 @@ use std::{
 };
 
 use billing_db::schema::{bill_item_stage, bill_stage, consumer_offset, member, member_stage};
+use billing_domain::validate;
 use billing_runtime::{
     CommonArgs, ProduceError, Producer, Quarantine, consumer::end_offsets, quarantine::Origin,
 };
@@ -184,6 +185,7 @@ fn minute(m: Option<i32>) -> Option<NaiveTime> {
 }
 
 fn member_row(m: Member) -> MemberRow {
+    // Validated at the edge (billing_domain::validate::member): the window is whole and in range.
     MemberRow {
         id: m.member_id,
         name: m.name,
@@ -229,14 +231,51 @@ fn bill_rows(b: Bill) -> (NewBill, Vec<NewItem>) {
     (row, items)
 }
 
-/// One decoded batch, ready for its transaction.
-#[derive(Default)]
-struct Batch {
-    bills: Vec<(NewBill, Vec<NewItem>)>,
-    /// Last value per member id in the batch (`None`: deleted).
-    members: HashMap<i64, Option<MemberRow>>,
-    /// Next offset per (topic, partition).
-    offsets: HashMap<(String, i32), i64>,
+/// What one record of a batch becomes in PostgreSQL.
+enum Row {
+    Bill(NewBill, Vec<NewItem>),
+    /// A member upserted (`Some`) or deleted (`None`).
+    Member(i64, Option<Box<MemberRow>>),
+    /// Already quarantined: only its offset moves.
+    Skip,
+}
+
+/// One record of a batch, with what is needed to quarantine it if its row is refused.
+struct Entry {
+    origin: Origin,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    row: Row,
+}
+
+/// The next offset per (topic, partition) after `entries` (in consumption order).
+fn next_offsets(entries: &[Entry]) -> HashMap<(String, i32), i64> {
+    let mut out = HashMap::new();
+    for e in entries {
+        out.insert(
+            (e.origin.topic.clone(), e.origin.partition),
+            e.origin.offset + 1,
+        );
+    }
+    out
+}
+
+/// Rows moved by one transaction (or several, summed).
+#[derive(Debug, Default, Clone, Copy)]
+struct Moves {
+    bills: u64,
+    items: u64,
+    upserted: u64,
+    deleted: u64,
+}
+
+impl Moves {
+    fn add(&mut self, o: Moves) {
+        self.bills += o.bills;
+        self.items += o.items;
+        self.upserted += o.upserted;
+        self.deleted += o.deleted;
+    }
 }
 
 #[derive(QueryableByName)]
@@ -253,21 +292,34 @@ const STAGING: &str = "
     create temp table if not exists bill_item_stage (like bill_item including defaults) on commit delete rows;
     create temp table if not exists member_stage (like member including defaults) on commit delete rows;";
 
-/// Writes one batch in one transaction; returns (bills, items, members upserted, deleted).
-/// Rows are COPYed into staging tables, then moved with `on conflict do nothing`; items move
-/// only with a bill that was inserted now.
+/// Writes `entries` and their offsets in one transaction. Rows are COPYed into staging
+/// tables, then moved with `on conflict do nothing`; items move only with a bill that was
+/// inserted now; a member's last value in the batch wins.
 fn write_batch(
     conn: &mut PgConnection,
     group: &str,
-    batch: Batch,
-) -> Result<(u64, u64, u64, u64), diesel::result::Error> {
+    entries: &[Entry],
+) -> Result<Moves, diesel::result::Error> {
     conn.transaction::<_, diesel::result::Error, _>(|conn| {
         conn.batch_execute(STAGING)?;
-        let Batch { bills, members, offsets } = batch;
-        let (bill_rows, item_rows): (Vec<NewBill>, Vec<Vec<NewItem>>) = bills.into_iter().unzip();
-        let items: Vec<NewItem> = item_rows.into_iter().flatten().collect();
-        diesel::copy_from(bill_stage::table).from_insertable(&bill_rows).execute(conn)?;
-        diesel::copy_from(bill_item_stage::table).from_insertable(&items).execute(conn)?;
+        let mut bill_rows: Vec<&NewBill> = Vec::new();
+        let mut items: Vec<&NewItem> = Vec::new();
+        let mut members: HashMap<i64, Option<&MemberRow>> = HashMap::new();
+        for e in entries {
+            match &e.row {
+                Row::Bill(b, its) => {
+                    bill_rows.push(b);
+                    items.extend(its);
+                }
+                Row::Member(id, m) => {
+                    members.insert(*id, m.as_deref());
+                }
+                Row::Skip => {}
+            }
+        }
+        let offsets = next_offsets(entries);
+        diesel::copy_from(bill_stage::table).from_insertable(bill_rows).execute(conn)?;
+        diesel::copy_from(bill_item_stage::table).from_insertable(items).execute(conn)?;
         let moved: Moved = diesel::sql_query(
             "with ins as (
                insert into bill (id, member_id, billing_month, total_amount, discount_amount, vat_amount, final_amount, settled_at)
@@ -284,7 +336,7 @@ fn write_batch(
              select (select count(*) from ins)::bigint as bills, (select count(*) from moved_items)::bigint as items",
         )
         .get_result(conn)?;
-        let mut upserts: Vec<MemberRow> = Vec::new();
+        let mut upserts: Vec<&MemberRow> = Vec::new();
         let mut deletes: Vec<i64> = Vec::new();
         for (id, row) in members {
             match row {
@@ -292,8 +344,9 @@ fn write_batch(
                 None => deletes.push(id),
             }
         }
+        let upserted = upserts.len() as u64;
         if !upserts.is_empty() {
-            diesel::copy_from(member_stage::table).from_insertable(&upserts).execute(conn)?;
+            diesel::copy_from(member_stage::table).from_insertable(upserts).execute(conn)?;
             diesel::sql_query(
                 "insert into member (id, name, email, phone, delivery_day, dnd_start, dnd_end, plan_id, updated_at)
                  select id, name, email, phone, delivery_day, dnd_start, dnd_end, plan_id, updated_at from member_stage
@@ -321,8 +374,65 @@ fn write_batch(
                 .execute(conn)?;
         }
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
-        Ok((n(moved.bills), n(moved.items), upserts.len() as u64, deletes.len() as u64))
+        Ok(Moves {
+            bills: n(moved.bills),
+            items: n(moved.items),
+            upserted,
+            deleted: deletes.len() as u64,
+        })
     })
+}
+
+/// Whether a failed write was the database refusing the data (a constraint, an encoding, a
+/// value out of range), which splitting the batch can pin on one record, rather than the
+/// server or the connection failing, which must stop the sink with its offsets unmoved.
+fn refused_data(conn: &mut PgConnection, e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as K, Error};
+    let Error::DatabaseError(kind, info) = e else {
+        return false;
+    };
+    let transient = matches!(
+        kind,
+        K::ClosedConnection
+            | K::UnableToSendCommand
+            | K::SerializationFailure
+            | K::ReadOnlyTransaction
+    ) || info.message().contains("deadlock");
+    !transient && conn.batch_execute("select 1").is_ok()
+}
+
+/// Writes `entries` in order, in as few transactions as it can: the whole batch, or, when the
+/// database refuses its data, each half in turn, down to the one record it refuses. Returns
+/// what was moved and, if a record was refused, its index and the database's reason; every
+/// entry before it is written (with its offsets), none after it.
+fn write_until_refused(
+    conn: &mut PgConnection,
+    group: &str,
+    entries: &[Entry],
+) -> Result<(Moves, Option<(usize, String)>), diesel::result::Error> {
+    let e = match write_batch(conn, group, entries) {
+        Ok(m) => return Ok((m, None)),
+        Err(e) if refused_data(conn, &e) => e,
+        Err(e) => return Err(e),
+    };
+    if entries.len() == 1 {
+        // Once more on its own, so a passing conflict is never taken for bad data.
+        return match write_batch(conn, group, entries) {
+            Ok(m) => Ok((m, None)),
+            Err(again) if refused_data(conn, &again) => {
+                Ok((Moves::default(), Some((0, e.to_string()))))
+            }
+            Err(again) => Err(again),
+        };
+    }
+    let mid = entries.len() / 2;
+    let (mut moves, refused) = write_until_refused(conn, group, &entries[..mid])?;
+    if refused.is_some() {
+        return Ok((moves, refused));
+    }
+    let (more, refused) = write_until_refused(conn, group, &entries[mid..])?;
+    moves.add(more);
+    Ok((moves, refused.map(|(i, r)| (i + mid, r))))
 }
 
 /// The offsets this group stored in PostgreSQL.
@@ -346,6 +456,122 @@ pub async fn stored_offsets(
     })
     .await
     .map_err(|e| SinkError::Pool(e.to_string()))?
+}
+
+/// Why a record does not become a row.
+enum RowError {
+    /// The registry could not be reached: stop, the record is read again.
+    Retriable(CodecError),
+    /// The record can never be loaded: quarantined with this reason.
+    Refused(String),
+}
+
+async fn bill_row(
+    decoder: &Decoder<Bill>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<Row, RowError> {
+    match decoder.decode(payload).await {
+        Err(e) if e.is_retriable() => Err(RowError::Retriable(e)),
+        Err(e) => Err(RowError::Refused(format!("cannot decode: {e}"))),
+        Ok(b) => match validate::bill(&b, key) {
+            Ok(()) => {
+                let (bill, items) = bill_rows(b);
+                Ok(Row::Bill(bill, items))
+            }
+            Err(e) => Err(RowError::Refused(format!("bill refused: {e}"))),
+        },
+    }
+}
+
+async fn member_entry(
+    decoder: &Decoder<Member>,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<Row, RowError> {
+    let Some(payload) = payload else {
+        return match validate::key_member_id(key) {
+            Some(id) => Ok(Row::Member(id, None)),
+            None => Err(RowError::Refused(
+                "tombstone without a member id key".to_string(),
+            )),
+        };
+    };
+    match decoder.decode(Some(payload)).await {
+        Err(e) if e.is_retriable() => Err(RowError::Retriable(e)),
+        Err(e) => Err(RowError::Refused(format!("cannot decode: {e}"))),
+        Ok(m) => match validate::member(&m, key) {
+            Ok(()) => Ok(Row::Member(m.member_id, Some(Box::new(member_row(m))))),
+            Err(e) => Err(RowError::Refused(format!("member refused: {e}"))),
+        },
+    }
+}
+
+/// Writes a batch on the sink's dedicated connection (COPY needs diesel's blocking libpq
+/// one; a failed connection is dropped and the next write opens a new one). A record the
+/// database refuses is quarantined, acknowledged, and then only its offset moves, with the
+/// rest of the batch: one bad row never blocks a partition.
+async fn write_entries(
+    common: &CommonArgs,
+    config: &SinkConfig,
+    writer: &mut Option<PgConnection>,
+    quarantine: &Quarantine,
+    mut entries: Vec<Entry>,
+    summary: &mut SinkSummary,
+) -> Result<Moves, SinkError> {
+    let mut total = Moves::default();
+    loop {
+        let (url, group, conn) = (
+            common.database_url.clone(),
+            config.group_id.clone(),
+            writer.take(),
+        );
+        let (conn, entries_back, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = match conn {
+                Some(c) => c,
+                None => match PgConnection::establish(&url) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return (
+                            None,
+                            entries,
+                            Err(SinkError::Db(billing_db::DbError::Connect(e))),
+                        );
+                    }
+                },
+            };
+            match write_until_refused(&mut conn, &group, &entries) {
+                Ok(r) => (Some(conn), entries, Ok(r)),
+                Err(e) => (None, entries, Err(SinkError::Query(e))),
+            }
+        })
+        .await
+        .map_err(|e| SinkError::Pool(e.to_string()))?;
+        *writer = conn;
+        entries = entries_back;
+        let (moves, refused) = result?;
+        total.add(moves);
+        let Some((i, reason)) = refused else {
+            return Ok(total);
+        };
+        let mut rest = entries.split_off(i);
+        let bad = &mut rest[0];
+        let reason = format!("database refused the row: {reason}");
+        let now = Utc::now().timestamp_millis();
+        quarantine
+            .send(
+                &bad.origin,
+                bad.key.as_deref(),
+                bad.payload.as_deref(),
+                &reason,
+                vec![],
+                now,
+            )
+            .await?;
+        summary.quarantined += 1;
+        bad.row = Row::Skip;
+        entries = rest;
+    }
 }
 
 /// Runs the sink until `shutdown` or, when bounded, until the end offsets captured at start
@@ -412,15 +638,17 @@ pub async fn run(
             break;
         }
         // Collect a batch: wait for the first record, then up to `linger` for more.
-        let mut batch = Batch::default();
-        let mut count = 0usize;
+        let mut entries: Vec<Entry> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
-        while count < config.batch_size {
+        while entries.len() < config.batch_size {
+            // Every turn ends within half a second (or one batch write): `/health` sees a
+            // stuck sink.
+            billing_runtime::metrics::global().beat();
             let recv = consumer.recv();
             let msg = tokio::select! {
                 biased;
                 () = &mut shutdown => {
-                    if count == 0 { break 'run; }
+                    if entries.is_empty() { break 'run; }
                     break;
                 }
                 m = async {
@@ -431,102 +659,70 @@ pub async fn run(
                 } => m,
             };
             let Some(msg) = msg else {
-                if count == 0 && !finished(&positions) {
+                if entries.is_empty() && !finished(&positions) {
                     continue;
                 }
                 break;
             };
             let m = msg?;
             deadline.get_or_insert_with(|| tokio::time::Instant::now() + config.linger);
-            let topic = m.topic().to_string();
-            let (partition, offset) = (m.partition(), m.offset());
+            let origin = Origin {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+            };
             if let Some(ends) = &ends
                 && ends
-                    .get(&(topic.clone(), partition))
-                    .is_none_or(|(_, high)| offset >= *high)
+                    .get(&(origin.topic.clone(), origin.partition))
+                    .is_none_or(|(_, high)| origin.offset >= *high)
             {
                 continue;
             }
-            count += 1;
-            batch.offsets.insert((topic.clone(), partition), offset + 1);
-            let origin = Origin {
-                topic: topic.clone(),
-                partition,
-                offset,
-            };
-            let failure = if topic == bills_topic {
-                summary.bills_seen += 1;
-                match bill_decoder.decode(m.payload()).await {
-                    Ok(b) => {
-                        batch.bills.push(bill_rows(b));
-                        None
-                    }
-                    Err(e) if e.is_retriable() => return Err(e.into()),
-                    Err(e) => Some(format!("cannot decode: {e}")),
-                }
+            let is_bill = origin.topic == bills_topic;
+            summary.bills_seen += u64::from(is_bill);
+            let row = if is_bill {
+                bill_row(&bill_decoder, m.key(), m.payload()).await
             } else {
-                let key = m
-                    .key()
-                    .and_then(|k| std::str::from_utf8(k).ok())
-                    .and_then(|k| k.parse::<i64>().ok());
-                match (m.payload(), key) {
-                    (None, Some(id)) => {
-                        batch.members.insert(id, None);
-                        None
-                    }
-                    (None, None) => Some("tombstone without a member id key".to_string()),
-                    (Some(_), _) => match member_decoder.decode(m.payload()).await {
-                        Ok(mem) => {
-                            batch.members.insert(mem.member_id, Some(member_row(mem)));
-                            None
-                        }
-                        Err(e) if e.is_retriable() => return Err(e.into()),
-                        Err(e) => Some(format!("cannot decode: {e}")),
-                    },
+                member_entry(&member_decoder, m.key(), m.payload()).await
+            };
+            let row = match row {
+                Ok(row) => row,
+                Err(RowError::Retriable(e)) => return Err(e.into()),
+                Err(RowError::Refused(reason)) => {
+                    // Acknowledged before the transaction that moves the offset past it.
+                    let now = Utc::now().timestamp_millis();
+                    quarantine
+                        .send(&origin, m.key(), m.payload(), &reason, vec![], now)
+                        .await?;
+                    summary.quarantined += 1;
+                    Row::Skip
                 }
             };
-            if let Some(reason) = failure {
-                // Acknowledged before the transaction that moves the offset past it.
-                let now = Utc::now().timestamp_millis();
-                quarantine
-                    .send(&origin, m.key(), m.payload(), &reason, vec![], now)
-                    .await?;
-                summary.quarantined += 1;
-            }
+            entries.push(Entry {
+                origin,
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                row,
+            });
         }
-        if count == 0 {
+        if entries.is_empty() {
             continue;
         }
-        let offsets = batch.offsets.clone();
-        // The write runs on a dedicated blocking connection (COPY needs diesel's libpq one);
-        // a failed connection is dropped and the next batch opens a new one.
-        let (url, group, conn) = (
-            common.database_url.clone(),
-            config.group_id.clone(),
-            writer.take(),
-        );
-        let (conn, result) = tokio::task::spawn_blocking(move || {
-            let mut conn = match conn {
-                Some(c) => c,
-                None => match PgConnection::establish(&url) {
-                    Ok(c) => c,
-                    Err(e) => return (None, Err(SinkError::Db(billing_db::DbError::Connect(e)))),
-                },
-            };
-            match write_batch(&mut conn, &group, batch) {
-                Ok(r) => (Some(conn), Ok(r)),
-                Err(e) => (None, Err(SinkError::Query(e))),
-            }
-        })
-        .await
-        .map_err(|e| SinkError::Pool(e.to_string()))?;
-        writer = conn;
-        let (bills, items, upserted, deleted) = result?;
+        let offsets = next_offsets(&entries);
+        let moves = write_entries(
+            common,
+            &config,
+            &mut writer,
+            &quarantine,
+            entries,
+            &mut summary,
+        )
+        .await?;
         summary.batches += 1;
-        summary.bills_inserted += bills;
-        summary.items_inserted += items;
-        summary.members_upserted += upserted;
-        summary.members_deleted += deleted;
+        summary.bills_inserted += moves.bills;
+        summary.items_inserted += moves.items;
+        summary.members_upserted += moves.upserted;
+        summary.members_deleted += moves.deleted;
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &offsets {
             positions.insert((t.clone(), *p), *o);

@@ -8,8 +8,9 @@
 //! Run: `email` (see `email --help`; the gateway simulation is configured by `GATEWAY_*`).
 
 use billing_messaging::{
-    Channel, Envelope, GaveUp, Mail, MailGateway, MessagingError, SendError,
-    store::{BillContext, DeliveryUpdate, TemplateRow},
+    Channel, Envelope, GaveUp, Mail, MailGateway, MessagingError, SendError, UnknownOutcome,
+    channel::idempotency_key,
+    store::{BillContext, DeliveryStatus, DeliveryUpdate, TemplateRow},
     template::render_email,
 };
 use billing_runtime::{CommonArgs, Incoming, Producer};
@@ -48,6 +49,7 @@ impl<G: MailGateway> EmailChannel<G> {
 impl<G: MailGateway> Channel for EmailChannel<G> {
     type Request = EmailRequest;
     const NAME: &'static str = NAME;
+    const GAVE_UP: DeliveryStatus = DeliveryStatus::Failed;
     const NEEDS_ITEMS: bool = true;
 
     fn topic() -> Topic<EmailRequest> {
@@ -87,13 +89,17 @@ impl<G: MailGateway> Channel for EmailChannel<G> {
             &bill.view,
         );
         let mail = Mail {
-            idempotency_key: r.delivery_id.clone(),
+            idempotency_key: idempotency_key(NAME, r.bill_id),
             to: bill.email.clone(),
             subject,
             html,
             attempt: u32::try_from(r.attempt).unwrap_or(0),
         };
         self.gateway.send(&mail).await
+    }
+
+    fn unknown_outcome(&self) -> UnknownOutcome {
+        self.gateway.unknown_outcome()
     }
 
     async fn give_up(
@@ -122,15 +128,15 @@ impl<G: MailGateway> Channel for EmailChannel<G> {
             .await
             .map_err(|e| e.to_string())?;
         Ok(GaveUp {
-            status: "failed",
             also: vec![DeliveryUpdate {
                 bill_id: r.bill_id,
                 channel: "sms",
-                status: "queued",
+                status: DeliveryStatus::Queued,
                 attempts: 0,
                 sent_at: None,
                 last_error: None,
                 template_version: None,
+                handover: None,
             }],
         })
     }

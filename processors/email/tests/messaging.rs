@@ -233,6 +233,7 @@ fn config(attempts: u32, backoff_ms: u64) -> ChannelConfig {
         },
         settings_ttl: Duration::from_millis(100),
         pool_size: 4,
+        claim_lease: Duration::from_secs(5),
     }
 }
 
@@ -585,6 +586,7 @@ async fn a_processor_killed_mid_batch_sends_nothing_twice() {
             .env("GATEWAY_FAILURE_RATE", "0")
             .env("GATEWAY_MAILBOX", "postgres")
             .env("EMAIL_MAX_IN_FLIGHT", "500")
+            .env("EMAIL_CLAIM_LEASE_MS", "5000")
             .env("METRICS_ADDR", "127.0.0.1:0")
             .spawn()
             .unwrap()
@@ -703,4 +705,64 @@ async fn replaying_the_email_topic_sends_nothing_twice() {
     // Then every request was read again and nothing was sent twice or changed
     assert_eq!(gateway.log.lock().unwrap().len(), 3);
     assert_eq!(deliveries(&url).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_requests_neither_borrow_another_bills_key_nor_stall_the_topic() {
+    // Given two members' bills, and a forged request for bill 1 that names bill 2's delivery
+    // id and carries a not-before at the end of time, ahead of the real requests
+    let (env, common) = setup().await;
+    bills(&common, &[1, 2], &[], &[]).await;
+    let encoder = Encoder::<EmailRequest>::register(
+        &env.registry,
+        &common.catalogue().value_subject(&EMAIL_REQUESTS.spec),
+    )
+    .await
+    .unwrap();
+    let forged = EmailRequest {
+        delivery_id: format!("email-{}", bill_id(2)),
+        bill_id: bill_id(1),
+        member_id: 1,
+        billing_month: "2026-11".into(),
+        attempt: 0,
+        requested_at: Utc::now().timestamp_millis(),
+        not_before: None,
+        last_error: None,
+    };
+    let forever = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: billing_runtime::NOT_BEFORE,
+        value: Some(i64::MAX.to_string().as_bytes()),
+    });
+    Producer::new(&common.kafka())
+        .unwrap()
+        .send(
+            &env.topic(&EMAIL_REQUESTS.spec),
+            Some(b"1"),
+            Some(&encoder.encode(&forged).unwrap()),
+            Some(forever),
+        )
+        .await
+        .unwrap();
+    request(&common, &env, &[bill_id(2)]).await;
+
+    // When the channels run
+    let gateway = Scripted::default();
+    let (s, tasks) = start(&common, &gateway, &config(3, 50)).await;
+    let url = common.database_url.clone();
+    wait_for(
+        &url,
+        "select count(*)::bigint as n from delivery where status = 'sent'",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    stop(s, tasks).await;
+
+    // Then each bill went out once under its own key: the forged header held nothing, and the
+    // forged delivery id did not take bill 2's key
+    let one = gateway.sends("email", &email(1));
+    let two = gateway.sends("email", &email(2));
+    assert_eq!((one.len(), two.len()), (1, 1));
+    assert_eq!(one[0].key, format!("email-{}", bill_id(1)));
+    assert_eq!(two[0].key, format!("email-{}", bill_id(2)));
 }

@@ -38,6 +38,7 @@ use std::{
 use billing_domain::{
     BillingMonth,
     rules::{self, compute_bill, validate_usage},
+    validate,
 };
 use billing_runtime::{
     CommonArgs, ProduceError, Producer, Quarantine,
@@ -128,6 +129,11 @@ pub struct Summary {
     pub usage_records: u64,
     /// Usage records of other months, skipped.
     pub other_months: u64,
+    /// Exact repeats of a usage record already counted (same member, usage id and content),
+    /// skipped: an at-least-once upstream or a mediation replay sends them.
+    pub duplicates: u64,
+    /// Members who joined after the month, not billed for it.
+    pub joined_later: u64,
     pub bills: u64,
     /// Records quarantined to the dead-letter topic.
     pub quarantined: u64,
@@ -142,6 +148,8 @@ impl Summary {
         self.members += o.members;
         self.usage_records += o.usage_records;
         self.other_months += o.other_months;
+        self.duplicates += o.duplicates;
+        self.joined_later += o.joined_later;
         self.bills += o.bills;
         self.quarantined += o.quarantined;
         self.final_amount += o.final_amount;
@@ -211,6 +219,248 @@ impl Ctx {
     }
 }
 
+/// The members of one partition as of the snapshot, and those not billed this month.
+#[derive(Default)]
+struct Members {
+    /// Valid members who had joined by the month's end, with where they were read.
+    billable: HashMap<i64, (Member, Origin)>,
+    /// Valid members who joined after the month: not billed for it.
+    joined_later: HashSet<i64>,
+}
+
+/// Reads `members[partition]` to the snapshot's end: the changelog's last value per key wins,
+/// a tombstone removes, and a record refused at the edge is quarantined (and, being the
+/// member's latest value, leaves the member unbilled: its earlier value is no longer true).
+async fn read_members(
+    ctx: &Ctx,
+    partition: i32,
+    s: &mut Summary,
+) -> Result<Members, SettlementError> {
+    let mut out = Members::default();
+    let Some(mut reader) = ctx.snapshot(&ctx.members_topic, partition)? else {
+        return Ok(out);
+    };
+    while let Some(m) = reader.next().await {
+        let m = m?;
+        let origin = Origin {
+            topic: ctx.members_topic.clone(),
+            partition,
+            offset: m.offset(),
+        };
+        let key_id = validate::key_member_id(m.key());
+        let Some(payload) = m.payload() else {
+            match key_id {
+                Some(id) => {
+                    out.billable.remove(&id);
+                    out.joined_later.remove(&id);
+                }
+                None => {
+                    ctx.quarantine(origin, m.key(), None, "tombstone without a member id key")
+                        .await?;
+                    s.quarantined += 1;
+                }
+            }
+            continue;
+        };
+        let reason = match ctx.member_decoder.decode(Some(payload)).await {
+            Err(e) if e.is_retriable() => return Err(e.into()),
+            Err(e) => format!("cannot decode: {e}"),
+            Ok(member) => match validate::member(&member, m.key()) {
+                Ok(()) => {
+                    let id = member.member_id;
+                    if rules::member_in_month(&member, ctx.month) {
+                        out.joined_later.remove(&id);
+                        out.billable.insert(id, (member, origin));
+                    } else {
+                        out.billable.remove(&id);
+                        out.joined_later.insert(id);
+                    }
+                    continue;
+                }
+                Err(e) => format!("member refused: {e}"),
+            },
+        };
+        if let Some(id) = key_id {
+            out.billable.remove(&id);
+            out.joined_later.remove(&id);
+        }
+        ctx.quarantine(origin, m.key(), Some(payload), &reason)
+            .await?;
+        s.quarantined += 1;
+    }
+    s.joined_later += out.joined_later.len() as u64;
+    Ok(out)
+}
+
+/// The month's usage of one partition, summed per member and product.
+struct Usage {
+    /// Index into the product names (fits in u16: the catalogue is small).
+    totals: HashMap<i64, Vec<(u16, i64)>>,
+    /// Members whose summed usage does not fit in an i64: refused as an overflow.
+    overflowed: HashSet<i64>,
+    /// (member, hash of usage id) -> hash of the record's content, for de-duplication.
+    seen: HashMap<(i64, u64), u64>,
+}
+
+/// Why a usage record of the month is not billed, or `None` if it is summed.
+fn take_usage(
+    ctx: &Ctx,
+    members: &Members,
+    usage: &mut Usage,
+    product_index: &HashMap<&str, u16>,
+    u: &UsageRecord,
+    key: Option<&[u8]>,
+    s: &mut Summary,
+) -> Option<String> {
+    if let Err(e) = validate::usage(u, key) {
+        return Some(format!("usage {:?} refused: {e}", u.usage_id));
+    }
+    if u.billing_month != ctx.month.to_string() {
+        s.other_months += 1;
+        return None;
+    }
+    if members.joined_later.contains(&u.member_id) {
+        return Some(format!(
+            "usage {} for member {}, who joined after the month",
+            u.usage_id, u.member_id
+        ));
+    }
+    if !members.billable.contains_key(&u.member_id) {
+        return Some(format!(
+            "usage {} for unknown member {}",
+            u.usage_id, u.member_id
+        ));
+    }
+    if let Err(e) = validate_usage(&ctx.products, &u.product_id, u.quantity) {
+        return Some(format!("usage {}: {e}", u.usage_id));
+    }
+    let (identity, content) = rules::usage_identity(u);
+    match usage.seen.get(&identity) {
+        Some(c) if *c == content => {
+            s.duplicates += 1;
+            return None;
+        }
+        Some(_) => {
+            return Some(format!(
+                "usage {} of member {} was already counted with different content",
+                u.usage_id, u.member_id
+            ));
+        }
+        None => {
+            usage.seen.insert(identity, content);
+        }
+    }
+    let idx = product_index
+        .get(u.product_id.as_str())
+        .copied()
+        .unwrap_or(u16::MAX);
+    let entry = usage.totals.entry(u.member_id).or_default();
+    match entry.iter_mut().find(|(i, _)| *i == idx) {
+        Some((_, q)) => match q.checked_add(u.quantity) {
+            Some(sum) => *q = sum,
+            None => {
+                usage.overflowed.insert(u.member_id);
+            }
+        },
+        None => entry.push((idx, u.quantity)),
+    }
+    None
+}
+
+/// Reads `usage-records[partition]` to the snapshot's end, validating each record at the
+/// edge, counting each (member, usage id) once, and quarantining what cannot be billed.
+async fn read_usage(
+    ctx: &Ctx,
+    partition: i32,
+    members: &Members,
+    product_index: &HashMap<&str, u16>,
+    s: &mut Summary,
+) -> Result<Usage, SettlementError> {
+    let mut usage = Usage {
+        totals: HashMap::with_capacity(members.billable.len()),
+        overflowed: HashSet::new(),
+        seen: HashMap::new(),
+    };
+    let Some(mut reader) = ctx.snapshot(&ctx.usage_topic, partition)? else {
+        return Ok(usage);
+    };
+    while let Some(m) = reader.next().await {
+        let m = m?;
+        s.usage_records += 1;
+        let reason = match ctx.usage_decoder.decode(m.payload()).await {
+            Err(e) if e.is_retriable() => return Err(e.into()),
+            Err(e) => Some(format!("cannot decode: {e}")),
+            Ok(u) => take_usage(ctx, members, &mut usage, product_index, &u, m.key(), s),
+        };
+        if let Some(reason) = reason {
+            let origin = Origin {
+                topic: ctx.usage_topic.clone(),
+                partition,
+                offset: m.offset(),
+            };
+            ctx.quarantine(origin, m.key(), m.payload(), &reason)
+                .await?;
+            s.quarantined += 1;
+        }
+    }
+    Ok(usage)
+}
+
+/// Quarantines a member who cannot be billed. The original bytes are not kept in memory: the
+/// member is re-encoded under the subject's registered schema, which decodes to the same value.
+async fn refuse_member(
+    ctx: &Ctx,
+    member: &Member,
+    origin: &Origin,
+    reason: &str,
+    s: &mut Summary,
+) -> Result<(), SettlementError> {
+    warn!(member = member.member_id, reason, "member cannot be billed");
+    let payload = ctx.member_encoder.encode(member).ok();
+    let key = member.member_id.to_string();
+    ctx.quarantine(
+        origin.clone(),
+        Some(key.as_bytes()),
+        payload.as_deref(),
+        reason,
+    )
+    .await?;
+    s.quarantined += 1;
+    Ok(())
+}
+
+/// Waits for the bills produced so far; a bill the broker refuses for its size is final for
+/// that member, who is quarantined instead.
+async fn await_bills(
+    ctx: &Ctx,
+    members: &Members,
+    pending: &mut Vec<(i64, i64, Pending)>,
+    s: &mut Summary,
+) -> Result<(), SettlementError> {
+    for (id, amount, p) in pending.drain(..) {
+        match p.wait().await {
+            Ok(_) => {
+                s.bills += 1;
+                s.final_amount += amount;
+            }
+            Err(e) if e.is_too_large() => {
+                if let Some((member, origin)) = members.billable.get(&id) {
+                    refuse_member(
+                        ctx,
+                        member,
+                        origin,
+                        &format!("bill cannot be produced: {e}"),
+                        s,
+                    )
+                    .await?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Settles one partition: members, then usage, then bills; returns its summary.
 async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, SettlementError> {
     let mut s = Summary {
@@ -218,51 +468,8 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         ..Summary::default()
     };
     let started = Instant::now();
+    let members = read_members(&ctx, partition, &mut s).await?;
 
-    // Members as of the snapshot (the changelog's last value per key wins).
-    let mut members: HashMap<i64, (Member, Origin)> = HashMap::new();
-    let mut quarantined = 0u64;
-    if let Some(mut reader) = ctx.snapshot(&ctx.members_topic, partition)? {
-        while let Some(m) = reader.next().await {
-            let m = m?;
-            let offset = m.offset();
-            let origin = Origin {
-                topic: ctx.members_topic.clone(),
-                partition,
-                offset,
-            };
-            match m.payload() {
-                // A tombstone: the member left.
-                None => {
-                    if let Some(id) = m
-                        .key()
-                        .and_then(|k| std::str::from_utf8(k).ok())
-                        .and_then(|k| k.parse::<i64>().ok())
-                    {
-                        members.remove(&id);
-                    }
-                }
-                Some(payload) => match ctx.member_decoder.decode(Some(payload)).await {
-                    Ok(member) => {
-                        members.insert(member.member_id, (member, origin));
-                    }
-                    Err(e) if e.is_retriable() => return Err(e.into()),
-                    Err(e) => {
-                        ctx.quarantine(
-                            origin,
-                            m.key(),
-                            Some(payload),
-                            &format!("cannot decode: {e}"),
-                        )
-                        .await?;
-                        quarantined += 1;
-                    }
-                },
-            }
-        }
-    }
-
-    // The month's usage, summed per member and product, after validation.
     let product_index: HashMap<&str, u16> = ctx
         .products
         .keys()
@@ -276,67 +483,20 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         }
         v
     };
-    let mut usage: HashMap<i64, Vec<(u16, i64)>> = HashMap::with_capacity(members.len());
-    let month = ctx.month.to_string();
-    if let Some(mut reader) = ctx.snapshot(&ctx.usage_topic, partition)? {
-        while let Some(m) = reader.next().await {
-            let m = m?;
-            let offset = m.offset();
-            let origin = Origin {
-                topic: ctx.usage_topic.clone(),
-                partition,
-                offset,
-            };
-            s.usage_records += 1;
-            let reason = match ctx.usage_decoder.decode(m.payload()).await {
-                Err(e) if e.is_retriable() => return Err(e.into()),
-                Err(e) => Some(format!("cannot decode: {e}")),
-                Ok(u) if u.billing_month != month => {
-                    s.other_months += 1;
-                    None
-                }
-                Ok(u) => {
-                    if !members.contains_key(&u.member_id) {
-                        Some(format!(
-                            "usage {} for unknown member {}",
-                            u.usage_id, u.member_id
-                        ))
-                    } else if let Err(e) = validate_usage(&ctx.products, &u.product_id, u.quantity)
-                    {
-                        Some(format!("usage {}: {e}", u.usage_id))
-                    } else {
-                        let idx = product_index
-                            .get(u.product_id.as_str())
-                            .copied()
-                            .unwrap_or(u16::MAX);
-                        let entry = usage.entry(u.member_id).or_default();
-                        match entry.iter_mut().find(|(i, _)| *i == idx) {
-                            Some((_, q)) => *q = q.saturating_add(u.quantity),
-                            None => entry.push((idx, u.quantity)),
-                        }
-                        None
-                    }
-                }
-            };
-            if let Some(reason) = reason {
-                ctx.quarantine(origin, m.key(), m.payload(), &reason)
-                    .await?;
-                quarantined += 1;
-            }
-        }
-    }
+    let mut usage = read_usage(&ctx, partition, &members, &product_index, &mut s).await?;
 
     // One bill per member, in member id order.
-    let mut ids: Vec<i64> = members.keys().copied().collect();
+    let mut ids: Vec<i64> = members.billable.keys().copied().collect();
     ids.sort_unstable();
     s.members = ids.len() as u64;
-    let mut pending: Vec<Pending> = Vec::with_capacity(IN_FLIGHT_BILLS);
+    let mut pending: Vec<(i64, i64, Pending)> = Vec::with_capacity(IN_FLIGHT_BILLS);
     let mut buf = Vec::with_capacity(2048);
     for id in ids {
-        let Some((member, origin)) = members.get(&id) else {
+        let Some((member, origin)) = members.billable.get(&id) else {
             continue;
         };
         let totals: BTreeMap<String, i64> = usage
+            .totals
             .remove(&id)
             .unwrap_or_default()
             .into_iter()
@@ -346,50 +506,49 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
                     .map(|n| ((*n).to_string(), q))
             })
             .collect();
-        match compute_bill(ctx.month, member, &ctx.products, &totals, ctx.settled_at) {
+        let bill = if usage.overflowed.contains(&id) {
+            Err(rules::BillError::Overflow { member: id })
+        } else {
+            compute_bill(ctx.month, member, &ctx.products, &totals, ctx.settled_at)
+        };
+        match bill {
             Ok(bill) => {
                 buf.clear();
                 ctx.bill_encoder.encode_into(&bill, &mut buf)?;
                 let key = id.to_string();
-                pending.push(
-                    ctx.producer
-                        .enqueue(&ctx.bills_topic, Some(key.as_bytes()), Some(&buf), None)
-                        .await?,
-                );
-                s.bills += 1;
-                s.final_amount += bill.final_amount;
-                if pending.len() >= IN_FLIGHT_BILLS {
-                    for p in pending.drain(..) {
-                        p.wait().await?;
+                match ctx
+                    .producer
+                    .enqueue(&ctx.bills_topic, Some(key.as_bytes()), Some(&buf), None)
+                    .await
+                {
+                    Ok(p) => pending.push((id, bill.final_amount, p)),
+                    Err(e) if e.is_too_large() => {
+                        refuse_member(
+                            &ctx,
+                            member,
+                            origin,
+                            &format!("bill cannot be produced: {e}"),
+                            &mut s,
+                        )
+                        .await?;
                     }
+                    Err(e) => return Err(e.into()),
+                }
+                if pending.len() >= IN_FLIGHT_BILLS {
+                    await_bills(&ctx, &members, &mut pending, &mut s).await?;
                 }
             }
-            Err(e) => {
-                warn!(member = id, error = %e, "member cannot be billed");
-                // The original bytes are not kept in memory: the member is re-encoded under
-                // the subject's registered schema, which decodes to the same value.
-                let payload = ctx.member_encoder.encode(member).ok();
-                ctx.quarantine(
-                    origin.clone(),
-                    Some(id.to_string().as_bytes()),
-                    payload.as_deref(),
-                    &e.to_string(),
-                )
-                .await?;
-                quarantined += 1;
-            }
+            Err(e) => refuse_member(&ctx, member, origin, &e.to_string(), &mut s).await?,
         }
     }
-    for p in pending.drain(..) {
-        p.wait().await?;
-    }
-    s.quarantined = quarantined;
+    await_bills(&ctx, &members, &mut pending, &mut s).await?;
     info!(
         partition,
         members = s.members,
         bills = s.bills,
         usage = s.usage_records,
-        quarantined,
+        duplicates = s.duplicates,
+        quarantined = s.quarantined,
         elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
         "partition settled"
     );
@@ -412,34 +571,34 @@ async fn load_products(
         &group,
         &topic,
         async |m: &BorrowedMessage<'_>| {
-            match (m.payload(), decoder.decode(m.payload()).await) {
-                (None, _) => {
-                    if let Some(k) = m.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                        products.remove(k);
-                    }
-                }
-                (_, Ok(product)) => {
-                    products.insert(product.product_id.clone(), product);
-                }
+            let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+            let reason = match (m.payload(), decoder.decode(m.payload()).await) {
+                (None, _) if key.is_some() => None,
+                (None, _) => Some("tombstone without a product id key".to_string()),
                 (_, Err(e)) if e.is_retriable() => return Err(SettlementError::Codec(e)),
-                (Some(payload), Err(e)) => {
-                    let origin = Origin {
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                    };
-                    let now = chrono::Utc::now().timestamp_millis();
-                    quarantine
-                        .send(
-                            &origin,
-                            m.key(),
-                            Some(payload),
-                            &format!("cannot decode: {e}"),
-                            vec![],
-                            now,
-                        )
-                        .await?;
-                }
+                (_, Err(e)) => Some(format!("cannot decode: {e}")),
+                (_, Ok(product)) => match validate::product(&product, m.key()) {
+                    Ok(()) => {
+                        products.insert(product.product_id.clone(), product);
+                        return Ok(());
+                    }
+                    Err(e) => Some(format!("product refused: {e}")),
+                },
+            };
+            // A tombstone, or a refused value: the key's earlier value is no longer true.
+            if let Some(k) = key {
+                products.remove(k);
+            }
+            if let Some(reason) = reason {
+                let origin = Origin {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                };
+                let now = chrono::Utc::now().timestamp_millis();
+                quarantine
+                    .send(&origin, m.key(), m.payload(), &reason, vec![], now)
+                    .await?;
             }
             Ok(())
         },
@@ -539,6 +698,7 @@ pub async fn run(
             // Polling drives the group protocol; the partitions themselves stay paused.
             m = coordinator.recv() => if let Err(e) = m { warn!(error = %e, "coordinator error") },
             _ = tick.tick() => {
+                billing_runtime::metrics::global().beat();
                 if let Ok(assignment) = coordinator.assignment() {
                     let mut newly = TopicPartitionList::new();
                     for el in assignment.elements() {

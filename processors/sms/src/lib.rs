@@ -9,8 +9,9 @@
 //! Run: `sms` (see `sms --help`).
 
 use billing_messaging::{
-    Channel, Envelope, GaveUp, MessagingError, SendError, Sms, SmsGateway,
-    store::{BillContext, TemplateRow},
+    Channel, Envelope, GaveUp, MessagingError, SendError, Sms, SmsGateway, UnknownOutcome,
+    channel::idempotency_key,
+    store::{BillContext, DeliveryStatus, TemplateRow},
     template::render_sms,
 };
 use billing_runtime::{CommonArgs, Incoming, Producer};
@@ -58,6 +59,7 @@ impl<G: SmsGateway> SmsChannel<G> {
 impl<G: SmsGateway> Channel for SmsChannel<G> {
     type Request = SmsRequest;
     const NAME: &'static str = NAME;
+    const GAVE_UP: DeliveryStatus = DeliveryStatus::Dead;
     const NEEDS_ITEMS: bool = false;
 
     fn topic() -> Topic<SmsRequest> {
@@ -92,12 +94,16 @@ impl<G: SmsGateway> Channel for SmsChannel<G> {
         r: &SmsRequest,
     ) -> Result<(), SendError> {
         let sms = Sms {
-            idempotency_key: r.delivery_id.clone(),
+            idempotency_key: idempotency_key(NAME, r.bill_id),
             to: bill.phone.clone(),
             text: render_sms(&template.body, &bill.view),
             attempt: u32::try_from(r.attempt).unwrap_or(0),
         };
         self.gateway.send(&sms).await
+    }
+
+    fn unknown_outcome(&self) -> UnknownOutcome {
+        self.gateway.unknown_outcome()
     }
 
     async fn give_up(
@@ -150,9 +156,6 @@ impl<G: SmsGateway> Channel for SmsChannel<G> {
             )
             .await
             .map_err(|e| e.to_string())?;
-        Ok(GaveUp {
-            status: "dead",
-            also: vec![],
-        })
+        Ok(GaveUp { also: vec![] })
     }
 }

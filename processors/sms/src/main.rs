@@ -19,13 +19,18 @@ struct Cli {
     /// Delay before the first retry, in milliseconds; it doubles with each retry.
     #[arg(long, env = "SMS_BACKOFF_MS", default_value_t = 1000)]
     backoff_ms: u64,
+    /// How long a claim on a delivery lasts, in milliseconds: longer than any provider call.
+    /// A delivery whose sender died is taken over (or held for an operator) after it.
+    #[arg(long, env = "SMS_CLAIM_LEASE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    claim_lease_ms: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();
-    let config = ChannelConfig::from_flags(cli.max_in_flight, cli.attempts, cli.backoff_ms);
+    let mut config = ChannelConfig::from_flags(cli.max_in_flight, cli.attempts, cli.backoff_ms);
+    config.claim_lease = std::time::Duration::from_millis(cli.claim_lease_ms);
     billing_messaging::channel::serve(&cli.common, config, &cli.gateway, |gateway| {
         billing_sms::SmsChannel::new(&cli.common, gateway)
     })
