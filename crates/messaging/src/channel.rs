@@ -597,6 +597,11 @@ pub async fn run<C: Channel>(
     );
     let topics = consumed_topics::<C>(common, config.attempts);
     let take_over = channel.unknown_outcome() == UnknownOutcome::Resend;
+    // Requests are read only under the subjects of the topics consumed.
+    let subjects: Vec<String> = std::iter::once(&C::topic().spec)
+        .chain(C::retry_topics().iter().map(|t| &t.spec))
+        .map(|spec| catalogue.value_subject(spec))
+        .collect();
     // Only the retry topics honour `billing.not-before`, each held at most its own delay
     // (the header on a request topic, or a later instant, is someone else's forgery).
     let delayed = retries
@@ -636,7 +641,7 @@ pub async fn run<C: Channel>(
     };
     let loop_deps = LoopDeps {
         kafka: common.kafka(),
-        decoder: Arc::new(Decoder::new(registry)),
+        decoder: Arc::new(Decoder::for_subjects(registry, subjects)),
         handler,
         quarantine,
     };

@@ -160,8 +160,9 @@ impl SimulatedGateway {
         })
     }
 
-    /// Whether the draw for (`key`, `attempt`) fails: deterministic for a seed.
-    fn fails(&self, key: &str, attempt: u32) -> bool {
+    /// Whether the draw for (`key`, `attempt`) fails: deterministic for a seed, so a test can
+    /// tell each bill's outcome in advance, kills or not.
+    pub fn fails(&self, key: &str, attempt: u32) -> bool {
         let mut h = DefaultHasher::new();
         (self.seed, key, attempt).hash(&mut h);
         #[allow(clippy::cast_precision_loss)] // a uniform draw in [0, 1) needs no more bits

@@ -425,3 +425,105 @@ async fn held_partitions_moved_to_a_second_instance_mid_run_lose_nothing() {
     let total: i64 = committed.values().sum();
     assert_eq!(total, records, "committed offsets {committed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_foreign_recursive_or_zero_width_schemas_are_quarantined() {
+    // Given a usage topic holding a good record, then records framed with a schema registered
+    // under another subject, with a registered recursive schema (100,000 levels deep), and with
+    // an array-of-null schema claiming eight million items, then another good record
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let usage_subject = env.catalogue().value_subject(&USAGE_RECORDS.spec);
+    let enc = Encoder::<UsageRecord>::register(&env.registry, &usage_subject)
+        .await
+        .unwrap();
+    let hostile_subject = format!("{}hostile-value", env.common.topic_prefix);
+    let register = |subject: String, schema: &'static str| {
+        let registry = env.registry.clone();
+        async move { registry.register(&subject, schema).await.unwrap() }
+    };
+    let foreign = register(
+        format!("{}other-value", env.common.topic_prefix),
+        r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"long"}]}"#,
+    )
+    .await;
+    let recursive = register(
+        hostile_subject.clone(),
+        r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#,
+    )
+    .await;
+    let nulls = register(
+        format!("{}nulls-value", env.common.topic_prefix),
+        r#"{"type":"record","name":"Nulls","fields":[{"name":"a","type":{"type":"array","items":"null"}}]}"#,
+    )
+    .await;
+    let frame = |id: u32, body: &[u8]| {
+        let mut v = vec![0u8];
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    };
+    let mut deep = vec![2u8; 100_000];
+    deep.push(0);
+    // zig-zag varint of 8,000,000 items, then the end of the array
+    let mut count = Vec::new();
+    let mut n: u64 = 8_000_000 << 1;
+    while n >= 0x80 {
+        count.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    count.push(n as u8);
+    count.push(0);
+    let producer = Producer::new(&env.kafka()).unwrap();
+    for payload in [
+        enc.encode(&usage(0, 1)).unwrap(),
+        frame(foreign, &[2]),
+        frame(recursive, &deep),
+        frame(nulls, &count),
+        enc.encode(&usage(4, 1)).unwrap(),
+    ] {
+        producer
+            .send(&topic, Some(b"1"), Some(&payload), None)
+            .await
+            .unwrap();
+    }
+
+    // When a loop reads the topic with a decoder for the usage subject (and, to reach the
+    // schema checks, the subjects of the other two)
+    let handler = Arc::new(Recorder::default());
+    let mut config = LoopConfig::new(env.group("hostile"), vec![topic.clone()]);
+    config.bounded = true;
+    let mut d = deps(&env, handler.clone(), "test-stage").await;
+    d.decoder = Arc::new(Decoder::for_subjects(
+        env.registry.clone(),
+        vec![
+            usage_subject,
+            hostile_subject,
+            format!("{}nulls-value", env.common.topic_prefix),
+        ],
+    ));
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_consumer(config, d, std::future::pending()),
+    )
+    .await
+    .expect("bounded loop ends by itself")
+    .unwrap();
+
+    // Then the good records are handled and each hostile one is quarantined with its reason
+    assert_eq!((summary.processed, summary.quarantined), (2, 3));
+    let dead = env
+        .read(&env.topic(&DEAD_LETTERS.spec), 3, Duration::from_secs(20))
+        .await;
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|d| d.headers[headers::REASON].as_str())
+        .collect();
+    for expected in ["is not registered under", "contains itself", "zero-width"] {
+        assert_eq!(
+            reasons.iter().filter(|r| r.contains(expected)).count(),
+            1,
+            "{expected}: {reasons:?}"
+        );
+    }
+}

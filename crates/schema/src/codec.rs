@@ -52,6 +52,10 @@ pub enum CodecError {
     TrailingBytes { id: u32, extra: usize },
     #[error("avro encoding failed: {0}")]
     Encode(String),
+    #[error("schema id {id} is not registered under {expected}")]
+    WrongSubject { id: u32, expected: String },
+    #[error("schema id {id} is refused: {reason}")]
+    UnsafeSchema { id: u32, reason: String },
 }
 
 impl CodecError {
@@ -127,6 +131,8 @@ fn registry_error(e: SRCError) -> CodecError {
 /// A Confluent-compatible schema registry client, shared by encoders and decoders.
 #[derive(Clone)]
 pub struct Registry {
+    url: Arc<str>,
+    http: reqwest::Client,
     settings: Arc<SrSettings>,
     /// Id-keyed writer-schema cache; it also de-duplicates concurrent look-ups of one id.
     lookups: Arc<AvroDecoder>,
@@ -145,7 +151,13 @@ impl Registry {
             .set_timeout(Duration::from_secs(10))
             .build()
             .map_err(registry_error)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| CodecError::RegistryUnavailable(e.to_string()))?;
         Ok(Registry {
+            url: url.trim_end_matches('/').into(),
+            http,
             lookups: Arc::new(AvroDecoder::new(settings.clone())),
             settings: Arc::new(settings),
         })
@@ -167,6 +179,28 @@ impl Registry {
                 subject: subject.to_string(),
                 reason: e.to_string(),
             }),
+        }
+    }
+
+    /// The subjects schema `id` is registered under (`GET /schemas/ids/{id}/versions`).
+    pub async fn subjects_of(&self, id: u32) -> Result<Vec<String>, CodecError> {
+        #[derive(serde::Deserialize)]
+        struct Use {
+            subject: String,
+        }
+        let url = format!("{}/schemas/ids/{id}/versions", self.url);
+        let unavailable = |e: reqwest::Error| CodecError::RegistryUnavailable(e.to_string());
+        let response = self.http.get(&url).send().await.map_err(unavailable)?;
+        match response.status() {
+            s if s.is_success() => {
+                let uses: Vec<Use> = response.json().await.map_err(unavailable)?;
+                Ok(uses.into_iter().map(|u| u.subject).collect())
+            }
+            s if s.is_client_error() => Err(CodecError::UnknownSchema {
+                id,
+                reason: format!("{s} from {url}"),
+            }),
+            s => Err(CodecError::RegistryUnavailable(format!("{s} from {url}"))),
         }
     }
 
@@ -248,10 +282,60 @@ struct WriterSchema {
     schema: Schema,
 }
 
+/// The most one decoded collection, string or byte array may allocate. Records are at most
+/// a megabyte, so no honest value comes near it; a forged block count (say, an array of a
+/// billion nulls, which costs no bytes on the wire) is refused instead of allocated.
+pub const MAX_DECODE_ALLOCATION: usize = 8 * 1024 * 1024;
+
+/// Why a writer schema cannot be decoded safely, whatever the record: a type that contains
+/// itself (nesting is bounded only by the record's bytes, so decoding could overflow the
+/// stack), or a collection of values that take no bytes on the wire.
+pub fn unsafe_schema(schema: &Schema) -> Option<String> {
+    fn zero_width(s: &Schema) -> bool {
+        match s {
+            Schema::Null => true,
+            Schema::Record(r) => r.fields.iter().all(|f| zero_width(&f.schema)),
+            Schema::Fixed(f) => f.size == 0,
+            _ => false,
+        }
+    }
+    fn walk<'a>(s: &'a Schema, path: &mut Vec<&'a apache_avro::schema::Name>) -> Option<String> {
+        match s {
+            Schema::Ref { name } if path.contains(&name) => {
+                Some(format!("type {} contains itself", name.fullname(None)))
+            }
+            Schema::Record(r) => {
+                path.push(&r.name);
+                let found = r.fields.iter().find_map(|f| walk(&f.schema, path));
+                path.pop();
+                found
+            }
+            Schema::Array(a) if zero_width(&a.items) => {
+                Some("an array of zero-width items".to_string())
+            }
+            Schema::Map(m) if zero_width(&m.types) => {
+                Some("a map of zero-width values".to_string())
+            }
+            Schema::Array(a) => walk(&a.items, path),
+            Schema::Map(m) => walk(&m.types, path),
+            Schema::Union(u) => u.variants().iter().find_map(|v| walk(v, path)),
+            _ => None,
+        }
+    }
+    walk(schema, &mut Vec::new())
+}
+
 /// Decodes framed values into `V`, whatever compatible schema they were written with.
+///
+/// Hostile input stops here: a writer id must be registered under one of the decoder's
+/// subjects (the topics it reads), its schema must be [safe](unsafe_schema), and no
+/// allocation may exceed [`MAX_DECODE_ALLOCATION`]. Verdicts are cached per id, refusals
+/// too, so a flood of forged records costs one registry look-up.
 pub struct Decoder<V> {
     registry: Registry,
-    writers: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+    /// Subjects a writer id must be registered under; `None` accepts any registered id.
+    subjects: Option<Arc<[String]>>,
+    writers: RwLock<HashMap<u32, Result<Arc<WriterSchema>, String>>>,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -262,25 +346,60 @@ impl<V> fmt::Debug for Decoder<V> {
 }
 
 impl<V: AvroRecord> Decoder<V> {
-    /// A decoder resolving writer ids through `registry`.
+    /// A decoder resolving writer ids through `registry`, for tools that read any topic.
     pub fn new(registry: Registry) -> Self {
+        apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
         Decoder {
             registry,
+            subjects: None,
             writers: RwLock::new(HashMap::new()),
             _value: PhantomData,
         }
     }
 
-    async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
-        if let Some(found) = self.writers.read().ok().and_then(|m| m.get(&id).cloned()) {
-            return Ok(found);
+    /// A decoder for a processor's input: only ids registered under `subjects` are read.
+    pub fn for_subjects(registry: Registry, subjects: Vec<String>) -> Self {
+        Decoder {
+            subjects: Some(subjects.into()),
+            ..Self::new(registry)
+        }
+    }
+
+    async fn admit(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
+        if let Some(subjects) = &self.subjects {
+            let uses = self.registry.subjects_of(id).await?;
+            if !uses.iter().any(|u| subjects.contains(u)) {
+                return Err(CodecError::WrongSubject {
+                    id,
+                    expected: subjects.join(" or "),
+                });
+            }
         }
         let schema = self.registry.schema_by_id(id).await?;
-        let entry = Arc::new(WriterSchema { schema });
-        if let Ok(mut m) = self.writers.write() {
-            m.insert(id, entry.clone());
+        if let Some(reason) = unsafe_schema(&schema) {
+            return Err(CodecError::UnsafeSchema { id, reason });
         }
-        Ok(entry)
+        Ok(Arc::new(WriterSchema { schema }))
+    }
+
+    async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
+        if let Some(found) = self.writers.read().ok().and_then(|m| m.get(&id).cloned()) {
+            return found.map_err(|reason| CodecError::UnsafeSchema { id, reason });
+        }
+        let verdict = match self.admit(id).await {
+            Err(e) if e.is_retriable() => return Err(e),
+            other => other,
+        };
+        if let Ok(mut m) = self.writers.write() {
+            m.insert(
+                id,
+                verdict
+                    .as_ref()
+                    .map(Arc::clone)
+                    .map_err(ToString::to_string),
+            );
+        }
+        verdict
     }
 
     /// Decodes one framed payload; `None` (a tombstone) is [`CodecError::Missing`].
@@ -354,5 +473,26 @@ mod tests {
             decode_datum::<UsageRecord>(UsageRecord::schema(), &padded),
             Err(CodecError::TrailingBytes { extra: 1, .. })
         ));
+    }
+
+    #[test]
+    fn recursive_and_zero_width_schemas_are_refused() {
+        let list = Schema::parse_str(
+            r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#,
+        )
+        .unwrap();
+        assert!(unsafe_schema(&list).unwrap().contains("contains itself"));
+        let nulls = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"a","type":{"type":"array","items":"null"}}]}"#,
+        )
+        .unwrap();
+        assert!(unsafe_schema(&nulls).unwrap().contains("zero-width"));
+        for schema in [
+            UsageRecord::schema(),
+            crate::types::Bill::schema(),
+            crate::types::DeadLetter::schema(),
+        ] {
+            assert_eq!(unsafe_schema(schema), None);
+        }
     }
 }

@@ -587,8 +587,12 @@ pub async fn run(
     let members_topic = catalogue.name(&MEMBERS.spec);
     let topics = vec![bills_topic.clone(), members_topic.clone()];
     let registry = Registry::new(&common.schema_registry_url)?;
-    let bill_decoder = Decoder::<Bill>::new(registry.clone());
-    let member_decoder = Decoder::<Member>::new(registry.clone());
+    let bill_decoder =
+        Decoder::<Bill>::for_subjects(registry.clone(), vec![catalogue.value_subject(&BILLS.spec)]);
+    let member_decoder = Decoder::<Member>::for_subjects(
+        registry.clone(),
+        vec![catalogue.value_subject(&MEMBERS.spec)],
+    );
     let producer = Producer::new(&common.kafka())?;
     let dlq =
         Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))

@@ -92,7 +92,10 @@ pub async fn run(
     let producer = Producer::new(&common.kafka())?;
     let deps = LoopDeps {
         kafka: common.kafka(),
-        decoder: Arc::new(Decoder::new(registry)),
+        decoder: Arc::new(Decoder::for_subjects(
+            registry,
+            vec![catalogue.value_subject(&DEAD_LETTERS.spec)],
+        )),
         handler: Arc::new(Recorder {
             pool: billing_db::pool(&common.database_url, 8)?,
         }),

@@ -564,7 +564,10 @@ async fn load_products(
 ) -> Result<HashMap<String, Product>, SettlementError> {
     let topic = common.catalogue().name(&PRODUCTS.spec);
     let group = format!("{group}.products");
-    let decoder = Decoder::<Product>::new(registry.clone());
+    let decoder = Decoder::<Product>::for_subjects(
+        registry.clone(),
+        vec![common.catalogue().value_subject(&PRODUCTS.spec)],
+    );
     let mut products = HashMap::new();
     snapshot::read_topic(
         &common.kafka(),
@@ -648,10 +651,16 @@ pub async fn run(
         group: group.clone(),
         bills_topic: catalogue.name(&BILLS.spec),
         products,
-        member_decoder: Decoder::new(registry.clone()),
+        member_decoder: Decoder::for_subjects(
+            registry.clone(),
+            vec![catalogue.value_subject(&MEMBERS.spec)],
+        ),
         member_encoder: Encoder::register(&registry, &catalogue.value_subject(&MEMBERS.spec))
             .await?,
-        usage_decoder: Decoder::new(registry.clone()),
+        usage_decoder: Decoder::for_subjects(
+            registry.clone(),
+            vec![catalogue.value_subject(&USAGE_RECORDS.spec)],
+        ),
         bill_encoder: Encoder::register(&registry, &catalogue.value_subject(&BILLS.spec)).await?,
         producer: producer.clone(),
         quarantine,
