@@ -12,4 +12,8 @@ alter table delivery add constraint delivery_status_check
 alter table delivery
     add column claim_owner text null,
     add column claim_until timestamptz null,
-    add column handover    text null check (handover in ('retry', 'give-up'));
+    add column handover    text null check (handover in ('retry', 'give-up')),
+    -- The request record (topic/partition/offset) whose attempt recorded this outcome: only a
+    -- redo of that very record republishes the hand-over; another copy of the same attempt
+    -- (a duplicated request) is behind the delivery and does nothing.
+    add column handover_source text null;

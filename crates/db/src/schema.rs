@@ -77,6 +77,7 @@ diesel::table! {
         claim_owner -> Nullable<Text>,
         claim_until -> Nullable<Timestamptz>,
         handover -> Nullable<Text>,
+        handover_source -> Nullable<Text>,
     }
 }
 

@@ -262,16 +262,27 @@ pub enum Unclaimed {
     Hold,
 }
 
-/// Decides [`Unclaimed`] for a request of `attempt` (0-based) given the state that refused it.
-pub fn decide(state: &ClaimState, attempt: i32) -> Unclaimed {
+/// The identity of a request record, as [`DeliveryUpdate::source`] records it.
+pub fn source_of<V>(record: &Incoming<V>) -> String {
+    format!("{}/{}/{}", record.topic, record.partition, record.offset)
+}
+
+/// Decides [`Unclaimed`] for the request record `source` of `attempt` (0-based) given the
+/// state that refused it. Only a redo of the record that recorded the outcome republishes its
+/// hand-over: another copy of the same attempt (a duplicated request) is behind it.
+pub fn decide(state: &ClaimState, attempt: i32, source: &str) -> Unclaimed {
     let this = attempt.saturating_add(1);
     match state.status {
         Some(DeliveryStatus::Sent | DeliveryStatus::Unknown) => Unclaimed::Stale,
         Some(DeliveryStatus::Sending) if state.attempts == this && state.expired => Unclaimed::Hold,
         Some(DeliveryStatus::Sending) if state.attempts == this => Unclaimed::Busy,
-        Some(DeliveryStatus::Failed | DeliveryStatus::Dead) if state.attempts == this => state
-            .handover
-            .map_or(Unclaimed::Stale, Unclaimed::Republish),
+        Some(DeliveryStatus::Failed | DeliveryStatus::Dead)
+            if state.attempts == this && state.handover_source.as_deref() == Some(source) =>
+        {
+            state
+                .handover
+                .map_or(Unclaimed::Stale, Unclaimed::Republish)
+        }
         Some(DeliveryStatus::Queued | DeliveryStatus::Failed) if state.attempts == attempt => {
             Unclaimed::Busy
         }
@@ -357,7 +368,7 @@ impl<C: Channel> ChannelHandler<C> {
         claim: &ClaimState,
     ) -> Result<(), HandleError> {
         let error = claim.last_error.clone().unwrap_or_default();
-        match decide(claim, env.attempt) {
+        match decide(claim, env.attempt, &source_of(record)) {
             Unclaimed::Stale => {
                 self.stats.skipped_delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
@@ -403,6 +414,7 @@ impl<C: Channel> ChannelHandler<C> {
             last_error,
             template_version: None,
             handover,
+            source: None,
         }
     }
 
@@ -425,6 +437,7 @@ impl<C: Channel> ChannelHandler<C> {
         let attempts = env.attempt.saturating_add(1);
         let with_template = |mut u: DeliveryUpdate| {
             u.template_version = Some(template_version);
+            u.source = Some(source_of(record));
             u
         };
         match outcome {
@@ -733,44 +746,63 @@ mod tests {
             attempts,
             expired: false,
             handover: None,
+            handover_source: Some(SRC.to_string()),
             last_error: None,
         }
     }
+
+    const SRC: &str = "email-requests-retry-1/0/7";
 
     #[test]
     fn a_redo_of_a_recorded_attempt_republishes_its_hand_over() {
         let mut s = state(DeliveryStatus::Failed, 2);
         s.handover = Some(Handover::Retry);
-        assert_eq!(decide(&s, 1), Unclaimed::Republish(Handover::Retry));
+        assert_eq!(decide(&s, 1, SRC), Unclaimed::Republish(Handover::Retry));
         s.status = Some(DeliveryStatus::Dead);
         s.handover = Some(Handover::GiveUp);
-        assert_eq!(decide(&s, 1), Unclaimed::Republish(Handover::GiveUp));
+        assert_eq!(decide(&s, 1, SRC), Unclaimed::Republish(Handover::GiveUp));
+    }
+
+    #[test]
+    fn another_copy_of_a_recorded_attempt_is_stale() {
+        let mut s = state(DeliveryStatus::Dead, 2);
+        s.handover = Some(Handover::GiveUp);
+        assert_eq!(
+            decide(&s, 1, "email-requests-retry-1/0/8"),
+            Unclaimed::Stale
+        );
     }
 
     #[test]
     fn a_request_behind_its_delivery_is_stale() {
         // A second copy of attempt 1's request after attempt 2 was claimed (a forked chain)
         assert_eq!(
-            decide(&state(DeliveryStatus::Sending, 3), 1),
+            decide(&state(DeliveryStatus::Sending, 3), 1, SRC),
             Unclaimed::Stale
         );
         let mut s = state(DeliveryStatus::Failed, 3);
         s.handover = Some(Handover::Retry);
-        assert_eq!(decide(&s, 1), Unclaimed::Stale);
-        assert_eq!(decide(&state(DeliveryStatus::Sent, 1), 0), Unclaimed::Stale);
+        assert_eq!(decide(&s, 1, SRC), Unclaimed::Stale);
         assert_eq!(
-            decide(&state(DeliveryStatus::Unknown, 1), 0),
+            decide(&state(DeliveryStatus::Sent, 1), 0, SRC),
             Unclaimed::Stale
         );
-        assert_eq!(decide(&state(DeliveryStatus::Dead, 4), 0), Unclaimed::Stale);
+        assert_eq!(
+            decide(&state(DeliveryStatus::Unknown, 1), 0, SRC),
+            Unclaimed::Stale
+        );
+        assert_eq!(
+            decide(&state(DeliveryStatus::Dead, 4), 0, SRC),
+            Unclaimed::Stale
+        );
     }
 
     #[test]
     fn a_live_claim_waits_and_a_dead_holder_is_held_for_an_operator() {
         let mut s = state(DeliveryStatus::Sending, 1);
-        assert_eq!(decide(&s, 0), Unclaimed::Busy);
+        assert_eq!(decide(&s, 0, SRC), Unclaimed::Busy);
         s.expired = true;
-        assert_eq!(decide(&s, 0), Unclaimed::Hold);
+        assert_eq!(decide(&s, 0, SRC), Unclaimed::Hold);
     }
 
     #[test]

@@ -237,13 +237,15 @@ pub struct DeliveryUpdate {
     pub last_error: Option<String>,
     pub template_version: Option<i32>,
     pub handover: Option<Handover>,
+    /// The request record whose attempt this outcome is (`topic/partition/offset`).
+    pub source: Option<String>,
 }
 
 const UPSERT: &str = "
-    insert into delivery (bill_id, channel, status, attempts, sent_at, last_error, template_version, handover, updated_at)
-    select b, c, s, a, t, e, v, h, now()
-    from unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[], $7::int[], $8::text[])
-         as u(b, c, s, a, t, e, v, h)
+    insert into delivery (bill_id, channel, status, attempts, sent_at, last_error, template_version, handover, handover_source, updated_at)
+    select b, c, s, a, t, e, v, h, o, now()
+    from unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::timestamptz[], $6::text[], $7::int[], $8::text[], $9::text[])
+         as u(b, c, s, a, t, e, v, h, o)
     on conflict (bill_id, channel) do update
        set status = excluded.status,
            attempts = excluded.attempts,
@@ -251,6 +253,7 @@ const UPSERT: &str = "
            last_error = coalesce(excluded.last_error, delivery.last_error),
            template_version = coalesce(excluded.template_version, delivery.template_version),
            handover = excluded.handover,
+           handover_source = excluded.handover_source,
            claim_owner = null,
            claim_until = null,
            updated_at = now()
@@ -273,6 +276,7 @@ async fn upsert(
         .iter()
         .map(|r| r.handover.map(Handover::as_str))
         .collect();
+    let o: Vec<Option<&str>> = rows.iter().map(|r| r.source.as_deref()).collect();
     diesel::sql_query(UPSERT)
         .bind::<Array<BigInt>, _>(b)
         .bind::<Array<Text>, _>(c)
@@ -282,6 +286,7 @@ async fn upsert(
         .bind::<Array<Nullable<Text>>, _>(e)
         .bind::<Array<Nullable<Int4>>, _>(v)
         .bind::<Array<Nullable<Text>>, _>(h)
+        .bind::<Array<Nullable<Text>>, _>(o)
         .execute(conn)
         .await
 }
@@ -310,6 +315,8 @@ pub struct ClaimState {
     /// The lease on a `sending` delivery has run out: its holder died.
     pub expired: bool,
     pub handover: Option<Handover>,
+    /// The request record that recorded the outcome (see [`DeliveryUpdate::source`]).
+    pub handover_source: Option<String>,
     pub last_error: Option<String>,
 }
 
@@ -327,6 +334,8 @@ struct ClaimRow {
     expired: bool,
     #[diesel(sql_type = Nullable<Text>)]
     handover: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    handover_source: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     last_error: Option<String>,
 }
@@ -351,7 +360,7 @@ const CLAIM: &str = "
       returning bill_id, channel
     )
     select r.b as bill_id, (c.bill_id is not null) as claimed, d.status, d.attempts,
-           coalesce(d.claim_until < now(), false) as expired, d.handover, d.last_error
+           coalesce(d.claim_until < now(), false) as expired, d.handover, d.handover_source, d.last_error
     from req r
     left join claimed c on c.bill_id = r.b and c.channel = r.c
     left join delivery d on d.bill_id = r.b and d.channel = r.c";
@@ -407,6 +416,7 @@ pub fn claimer(
                             attempts: row.attempts.unwrap_or(0),
                             expired: row.expired,
                             handover: row.handover.as_deref().and_then(Handover::parse),
+                            handover_source: row.handover_source.clone(),
                             last_error: row.last_error.clone(),
                         },
                         None => ClaimState::default(),

@@ -137,6 +137,7 @@ impl<G: MailGateway> Channel for EmailChannel<G> {
                 last_error: None,
                 template_version: None,
                 handover: None,
+                source: None,
             }],
         })
     }
