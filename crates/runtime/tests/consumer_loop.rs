@@ -335,8 +335,9 @@ async fn not_before_holds_only_on_delayed_topics_and_never_past_their_delay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn held_partitions_moved_to_a_second_instance_mid_run_lose_nothing() {
-    // Given a delay topic of four partitions whose records are all due in a few seconds
+async fn held_partitions_moved_away_and_back_mid_run_lose_nothing() {
+    // Given a delay topic of four partitions: records due in a few seconds, then records due
+    // some seconds later
     let env = TestEnv::with_partitions(4).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
     let enc = Encoder::<UsageRecord>::register(
@@ -346,13 +347,14 @@ async fn held_partitions_moved_to_a_second_instance_mid_run_lose_nothing() {
     .await
     .unwrap();
     let producer = Producer::new(&env.kafka()).unwrap();
-    let due = chrono::Utc::now().timestamp_millis() + 4_000;
+    let now = chrono::Utc::now().timestamp_millis();
     let records = 40;
     for n in 0..records {
+        let due = now + if n < 20 { 4_000 } else { 14_000 };
         producer
             .send(
                 &topic,
-                Some(n.to_string().as_bytes()),
+                Some((n % 20).to_string().as_bytes()),
                 Some(&enc.encode(&usage(n, 1)).unwrap()),
                 Some(not_before(due)),
             )
@@ -374,53 +376,60 @@ async fn held_partitions_moved_to_a_second_instance_mid_run_lose_nothing() {
             .unwrap()
         })
     };
+    let wait_until = async |what: &str, secs: u64, done: &dyn Fn() -> bool| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
 
-    // When one instance holds the records with its partitions paused, and a second instance
-    // joins the group, so the partitions are revoked and shared out again
+    // When one instance holds the first records with its partitions paused, a second one joins
+    // the group and takes some of them, handles what falls due there, and leaves again, so its
+    // partitions go back to the first instance while their later records are still held
     let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-    let stop = Arc::new(tokio::sync::Notify::new());
-    let first = instance(a.clone(), stop.clone());
+    let (stop_a, stop_b) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let first = instance(a.clone(), stop_a.clone());
     let held = billing_runtime::metrics::global().gauge(
         "billing_held_partitions",
         "Partitions paused until a delayed record is due.",
         &[("group", &group)],
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while held.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the first instance never held a record"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let second = instance(b.clone(), stop.clone());
+    wait_until("the first instance never held a record", 30, &|| {
+        held.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
+    let second = instance(b.clone(), stop_b.clone());
+    wait_until("the second instance never handled a record", 60, &|| {
+        !b.seen.lock().unwrap().is_empty()
+    })
+    .await;
+    stop_b.notify_waiters();
+    second.await.unwrap();
 
     // Then every record is handled by one instance or the other, and the group's committed
     // offsets reach the end of every partition
     let all: std::collections::BTreeSet<String> = (0..records).map(|n| format!("u{n}")).collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let seen: std::collections::BTreeSet<String> = a
-            .seen
+    let seen = || -> std::collections::BTreeSet<String> {
+        a.seen
             .lock()
             .unwrap()
             .iter()
             .chain(b.seen.lock().unwrap().iter())
             .map(|(_, id)| id.clone())
-            .collect();
-        if seen == all {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "records never handled after the rebalance: {:?}",
-            all.difference(&seen).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.notify_waiters();
+            .collect()
+    };
+    wait_until(
+        "records never handled after the partitions came back",
+        90,
+        &|| seen() == all,
+    )
+    .await;
+    stop_a.notify_waiters();
     first.await.unwrap();
-    second.await.unwrap();
     let committed = env.committed(&group, &topic).await;
     let total: i64 = committed.values().sum();
     assert_eq!(total, records, "committed offsets {committed:?}");
