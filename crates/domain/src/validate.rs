@@ -368,7 +368,8 @@ mod tests {
 
     #[test]
     fn hostile_members_are_refused_with_a_reason() {
-        let cases: Vec<(fn(&mut Member), &str)> = vec![
+        type Case = (fn(&mut Member), &'static str);
+        let cases: Vec<Case> = vec![
             (|m| m.name = "a\0b".into(), "name contains a NUL"),
             (
                 |m| m.addon_ids = vec!["addon-music".into(); 5000],

@@ -668,6 +668,13 @@ impl Held {
         self.records.values().map(|(_, due)| *due).min()
     }
 
+    /// Whether a record is still held `grace` after it fell due (its partition cannot be
+    /// sought back, say): the loop beats but its partition does not move.
+    fn overdue(&self, grace: Duration) -> bool {
+        self.next_due()
+            .is_some_and(|due| due + grace < tokio::time::Instant::now())
+    }
+
     /// Holds `msg` until `due` and pauses its partition.
     fn hold(&mut self, consumer: &LoopConsumer, msg: OwnedMessage, due: tokio::time::Instant) {
         let mut tpl = TopicPartitionList::new();
@@ -800,6 +807,10 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
 
     summary.stopped_by = loop {
         crate::metrics::global().beat();
+        crate::metrics::global().set_stuck(
+            held.overdue(Duration::from_secs(30))
+                .then_some("a held record is past its due time"),
+        );
         apply_rebalances(
             &context,
             &mut held,

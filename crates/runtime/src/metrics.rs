@@ -65,6 +65,9 @@ type Family = (String, BTreeMap<String, Metric>);
 pub struct Metrics {
     families: Mutex<BTreeMap<String, Family>>,
     heartbeat: Mutex<Option<Instant>>,
+    /// Why the main loop, although beating, is not making progress (a held record past its
+    /// due time), if it is not.
+    stuck: Mutex<Option<&'static str>>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> String {
@@ -153,12 +156,34 @@ impl Metrics {
         }
     }
 
+    /// Notes whether the main loop is stuck although beating, and why.
+    pub fn set_stuck(&self, why: Option<&'static str>) {
+        if let Ok(mut s) = self.stuck.lock() {
+            *s = why;
+        }
+    }
+
     /// Healthy when the main loop beat within `within` (or has not started beating yet).
     pub fn healthy(&self, within: Duration) -> bool {
-        self.heartbeat
+        self.health(within).is_ok()
+    }
+
+    /// `Ok`, or why the processor is unhealthy: its main loop stopped beating within
+    /// `within`, or it is stuck (see [`Metrics::set_stuck`]).
+    pub fn health(&self, within: Duration) -> Result<(), &'static str> {
+        let beating = self
+            .heartbeat
             .lock()
             .map(|h| h.is_none_or(|t| t.elapsed() <= within))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if !beating {
+            return Err("main loop stalled");
+        }
+        match self.stuck.lock().map(|s| *s) {
+            Ok(Some(why)) => Err(why),
+            Ok(None) => Ok(()),
+            Err(_) => Err("health state poisoned"),
+        }
     }
 
     /// The text exposition format.
@@ -225,10 +250,9 @@ pub async fn serve(
         .route(
             "/health",
             get(|| async {
-                if global().healthy(Duration::from_secs(60)) {
-                    (StatusCode::OK, "ok")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "main loop stalled")
+                match global().health(Duration::from_secs(60)) {
+                    Ok(()) => (StatusCode::OK, "ok"),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 }
             }),
         );
@@ -280,5 +304,19 @@ mod tests {
             "{text}"
         );
         assert!(m.healthy(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_beating_loop_that_is_stuck_is_unhealthy() {
+        let m = Metrics::default();
+        m.beat();
+        assert_eq!(m.health(Duration::from_secs(60)), Ok(()));
+        m.set_stuck(Some("a held record is past its due time"));
+        assert_eq!(
+            m.health(Duration::from_secs(60)),
+            Err("a held record is past its due time")
+        );
+        m.set_stuck(None);
+        assert_eq!(m.health(Duration::from_secs(60)), Ok(()));
     }
 }

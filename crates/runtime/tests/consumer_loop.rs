@@ -56,6 +56,16 @@ impl Handler<UsageRecord> for Recorder {
     }
 }
 
+/// The usage topic's encoder, its schema registered under the test's subject.
+async fn usage_encoder(env: &TestEnv) -> Encoder<UsageRecord> {
+    Encoder::register(
+        &env.registry,
+        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
+    )
+    .await
+    .unwrap()
+}
+
 async fn deps(
     env: &TestEnv,
     handler: Arc<Recorder>,
@@ -87,12 +97,7 @@ async fn malformed_records_are_quarantined_and_the_loop_goes_on() {
     // record the handler refuses
     let env = TestEnv::with_partitions(1).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
-    let enc = Encoder::<UsageRecord>::register(
-        &env.registry,
-        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
-    )
-    .await
-    .unwrap();
+    let enc = usage_encoder(&env).await;
     let producer = Producer::new(&env.kafka()).unwrap();
     let payloads: Vec<Vec<u8>> = vec![
         enc.encode(&usage(0, 10)).unwrap(),
@@ -190,12 +195,7 @@ async fn drains_cleanly_on_shutdown_and_resumes_without_loss_or_repeat() {
     // Given 40 records on one partition and a slow handler
     let env = TestEnv::with_partitions(1).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
-    let enc = Encoder::<UsageRecord>::register(
-        &env.registry,
-        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
-    )
-    .await
-    .unwrap();
+    let enc = usage_encoder(&env).await;
     let producer = Producer::new(&env.kafka()).unwrap();
     for n in 0..40 {
         producer
@@ -287,12 +287,7 @@ async fn not_before_holds_only_on_delayed_topics_and_never_past_their_delay() {
     // Given a record whose not-before header is the end of time
     let env = TestEnv::with_partitions(1).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
-    let enc = Encoder::<UsageRecord>::register(
-        &env.registry,
-        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
-    )
-    .await
-    .unwrap();
+    let enc = usage_encoder(&env).await;
     let producer = Producer::new(&env.kafka()).unwrap();
     for n in 0..2 {
         producer
@@ -340,12 +335,7 @@ async fn held_partitions_moved_away_and_back_mid_run_lose_nothing() {
     // some seconds later
     let env = TestEnv::with_partitions(4).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
-    let enc = Encoder::<UsageRecord>::register(
-        &env.registry,
-        &env.catalogue().value_subject(&USAGE_RECORDS.spec),
-    )
-    .await
-    .unwrap();
+    let enc = usage_encoder(&env).await;
     let producer = Producer::new(&env.kafka()).unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     let records = 40;
@@ -478,10 +468,10 @@ async fn records_of_foreign_recursive_or_zero_width_schemas_are_quarantined() {
     let mut count = Vec::new();
     let mut n: u64 = 8_000_000 << 1;
     while n >= 0x80 {
-        count.push((n as u8 & 0x7f) | 0x80);
+        count.push(u8::try_from(n & 0x7f).unwrap() | 0x80);
         n >>= 7;
     }
-    count.push(n as u8);
+    count.push(u8::try_from(n).unwrap());
     count.push(0);
     let producer = Producer::new(&env.kafka()).unwrap();
     for payload in [
