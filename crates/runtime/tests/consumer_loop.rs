@@ -526,3 +526,46 @@ async fn records_of_foreign_recursive_or_zero_width_schemas_are_quarantined() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_the_topic_is_written_without_its_payload() {
+    // Given a record of almost a megabyte that does not decode: its dead letter, with the
+    // payload inside, would exceed the broker's message size
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let producer = Producer::new(&env.kafka()).unwrap();
+    let big = vec![1u8; 999_900];
+    producer
+        .send(&topic, Some(b"1"), Some(&big), None)
+        .await
+        .unwrap();
+
+    // When the loop reads it
+    let handler = Arc::new(Recorder::default());
+    let mut config = LoopConfig::new(env.group("big"), vec![topic.clone()]);
+    config.bounded = true;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_consumer(
+            config,
+            deps(&env, handler, "test-stage").await,
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("the dead letter is not retried forever")
+    .unwrap();
+
+    // Then it is quarantined: the letter names the source record and says the payload was
+    // left out, and the offset moves on
+    assert_eq!(summary.quarantined, 1);
+    let dead = env
+        .read(&env.topic(&DEAD_LETTERS.spec), 1, Duration::from_secs(20))
+        .await;
+    let reason = &dead[0].headers[headers::REASON];
+    assert!(
+        reason.contains("payload of 999900 bytes left out"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].headers[headers::SOURCE_OFFSET], "0");
+}
