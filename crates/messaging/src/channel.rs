@@ -383,11 +383,8 @@ impl<C: Channel> ChannelHandler<C> {
             Unclaimed::Republish(Handover::Retry) => self.publish_retry(record, env, &error).await,
             Unclaimed::Republish(Handover::GiveUp) => self.give_up(bill, record, &error).await,
             Unclaimed::Hold => {
-                self.write(DeliveryUpdate {
-                    status: DeliveryStatus::Unknown,
-                    ..self.update(env, DeliveryStatus::Unknown, None, None)
-                })
-                .await?;
+                self.write(self.update(env, DeliveryStatus::Unknown, None, None))
+                    .await?;
                 Err(HandleError::Final(format!(
                     "bill {} on {}: the process sending attempt {} died before the provider's answer was recorded; held for an operator (the message may have gone out)",
                     env.bill_id,

@@ -66,6 +66,26 @@ async fn usage_encoder(env: &TestEnv) -> Encoder<UsageRecord> {
     .unwrap()
 }
 
+/// Runs a bounded loop of `group` over `topic` with `deps` to its end (at most a minute).
+async fn run_bounded(
+    env: &TestEnv,
+    group: &str,
+    topic: &str,
+    deps: LoopDeps<UsageRecord, Recorder>,
+    delayed: Vec<(String, Duration)>,
+) -> billing_runtime::LoopSummary {
+    let mut config = LoopConfig::new(env.group(group), vec![topic.to_string()]);
+    config.bounded = true;
+    config.delayed = delayed.into_iter().collect();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        run_consumer(config, deps, std::future::pending()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{group}: the bounded loop did not reach its end"))
+    .unwrap()
+}
+
 async fn deps(
     env: &TestEnv,
     handler: Arc<Recorder>,
@@ -308,20 +328,8 @@ async fn not_before_holds_only_on_delayed_topics_and_never_past_their_delay() {
         ("delayed", vec![(topic.clone(), Duration::from_secs(1))]),
     ] {
         let handler = Arc::new(Recorder::default());
-        let mut config = LoopConfig::new(env.group(group), vec![topic.clone()]);
-        config.bounded = true;
-        config.delayed = delayed.into_iter().collect();
-        let summary = tokio::time::timeout(
-            Duration::from_secs(60),
-            run_consumer(
-                config,
-                deps(&env, handler.clone(), "test-stage").await,
-                std::future::pending(),
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{group}: the forged header stalled the partition"))
-        .unwrap();
+        let d = deps(&env, handler.clone(), "test-stage").await;
+        let summary = run_bounded(&env, group, &topic, d, delayed).await;
 
         // Then both records are handled: the header is ignored, or its hold clamped
         assert_eq!(summary.processed, 2, "{group}");
@@ -490,8 +498,6 @@ async fn records_of_foreign_recursive_or_zero_width_schemas_are_quarantined() {
     // When a loop reads the topic with a decoder for the usage subject (and, to reach the
     // schema checks, the subjects of the other two)
     let handler = Arc::new(Recorder::default());
-    let mut config = LoopConfig::new(env.group("hostile"), vec![topic.clone()]);
-    config.bounded = true;
     let mut d = deps(&env, handler.clone(), "test-stage").await;
     d.decoder = Arc::new(Decoder::for_subjects(
         env.registry.clone(),
@@ -501,13 +507,7 @@ async fn records_of_foreign_recursive_or_zero_width_schemas_are_quarantined() {
             format!("{}nulls-value", env.common.topic_prefix),
         ],
     ));
-    let summary = tokio::time::timeout(
-        Duration::from_secs(60),
-        run_consumer(config, d, std::future::pending()),
-    )
-    .await
-    .expect("bounded loop ends by itself")
-    .unwrap();
+    let summary = run_bounded(&env, "hostile", &topic, d, vec![]).await;
 
     // Then the good records are handled and each hostile one is quarantined with its reason
     assert_eq!((summary.processed, summary.quarantined), (2, 3));
@@ -541,20 +541,8 @@ async fn a_dead_letter_too_large_for_the_topic_is_written_without_its_payload() 
         .unwrap();
 
     // When the loop reads it
-    let handler = Arc::new(Recorder::default());
-    let mut config = LoopConfig::new(env.group("big"), vec![topic.clone()]);
-    config.bounded = true;
-    let summary = tokio::time::timeout(
-        Duration::from_secs(60),
-        run_consumer(
-            config,
-            deps(&env, handler, "test-stage").await,
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the dead letter is not retried forever")
-    .unwrap();
+    let d = deps(&env, Arc::new(Recorder::default()), "test-stage").await;
+    let summary = run_bounded(&env, "big", &topic, d, vec![]).await;
 
     // Then it is quarantined: the letter names the source record and says the payload was
     // left out, and the offset moves on
