@@ -553,9 +553,7 @@ fn store(consumer: &LoopConsumer, topic: &str, partition: i32, next: i64) {
 
 /// The loop's metrics, labelled by group.
 struct LoopMetrics {
-    consumed: Arc<std::sync::atomic::AtomicU64>,
-    processed: Arc<std::sync::atomic::AtomicU64>,
-    quarantined: Arc<std::sync::atomic::AtomicU64>,
+    records: crate::metrics::RecordCounters,
     retries: Arc<std::sync::atomic::AtomicU64>,
     in_flight: Arc<std::sync::atomic::AtomicI64>,
     held: Arc<std::sync::atomic::AtomicI64>,
@@ -567,21 +565,7 @@ impl LoopMetrics {
         let m = crate::metrics::global();
         let l = [("group", group)];
         LoopMetrics {
-            consumed: m.counter(
-                "billing_records_consumed_total",
-                "Records received from the broker.",
-                &l,
-            ),
-            processed: m.counter(
-                "billing_records_processed_total",
-                "Records handled successfully.",
-                &l,
-            ),
-            quarantined: m.counter(
-                "billing_dead_letters_total",
-                "Records sent to the dead-letter topic.",
-                &l,
-            ),
+            records: crate::metrics::RecordCounters::for_group(group),
             retries: m.counter(
                 "billing_retries_total",
                 "Retries of retriable handler failures.",
@@ -637,11 +621,11 @@ fn record(
     match d.outcome {
         Outcome::Processed => {
             summary.processed += 1;
-            metrics.processed.fetch_add(1, Relaxed);
+            metrics.records.processed.fetch_add(1, Relaxed);
         }
         Outcome::Quarantined => {
             summary.quarantined += 1;
-            metrics.quarantined.fetch_add(1, Relaxed);
+            metrics.records.quarantined.fetch_add(1, Relaxed);
         }
         Outcome::Abandoned => {
             summary.abandoned += 1;
@@ -853,7 +837,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                 Ok(m) => {
                     // A rebalance heard inside this recv applies before its first record.
                     apply_rebalances(&context, &mut held, &mut tracker, bounds.as_mut(), &config.group_id);
-                    metrics.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics.records.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                     if let Some(b) = bounds.as_mut()
                         && b.beyond_end(&topic, partition, offset) {

@@ -60,6 +60,48 @@ enum Metric {
 /// Name, help, and the series by label set.
 type Family = (String, BTreeMap<String, Metric>);
 
+/// The record counters every processor reports under its group, whatever loop it runs:
+/// records received, records done, records sent to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct RecordCounters {
+    pub consumed: Arc<AtomicU64>,
+    pub processed: Arc<AtomicU64>,
+    pub quarantined: Arc<AtomicU64>,
+}
+
+impl RecordCounters {
+    /// The counters of `group` in the process's registry.
+    pub fn for_group(group: &str) -> Self {
+        let m = global();
+        let l = [("group", group)];
+        RecordCounters {
+            consumed: m.counter(
+                "billing_records_consumed_total",
+                "Records received from the broker.",
+                &l,
+            ),
+            processed: m.counter(
+                "billing_records_processed_total",
+                "Records handled successfully.",
+                &l,
+            ),
+            quarantined: m.counter(
+                "billing_dead_letters_total",
+                "Records sent to the dead-letter topic.",
+                &l,
+            ),
+        }
+    }
+
+    /// Adds to the three counters.
+    pub fn add(&self, consumed: u64, processed: u64, quarantined: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.consumed.fetch_add(consumed, Relaxed);
+        self.processed.fetch_add(processed, Relaxed);
+        self.quarantined.fetch_add(quarantined, Relaxed);
+    }
+}
+
 /// The registry.
 #[derive(Debug, Default)]
 pub struct Metrics {

@@ -629,6 +629,7 @@ pub async fn run(
     info!(group = %config.group_id, bounded = config.bounded, "bill sink started");
 
     let mut summary = SinkSummary::default();
+    let counters = billing_runtime::metrics::RecordCounters::for_group(&config.group_id);
     let mut writer: Option<PgConnection> = None;
     tokio::pin!(shutdown);
     let finished = |positions: &HashMap<(String, i32), i64>| {
@@ -643,6 +644,7 @@ pub async fn run(
         }
         // Collect a batch: wait for the first record, then up to `linger` for more.
         let mut entries: Vec<Entry> = Vec::new();
+        let refused_before = summary.quarantined;
         let mut deadline: Option<tokio::time::Instant> = None;
         while entries.len() < config.batch_size {
             // Every turn ends within half a second (or one batch write): `/health` sees a
@@ -713,6 +715,7 @@ pub async fn run(
             continue;
         }
         let offsets = next_offsets(&entries);
+        let read = entries.len() as u64;
         let moves = write_entries(
             common,
             &config,
@@ -723,6 +726,8 @@ pub async fn run(
         )
         .await?;
         summary.batches += 1;
+        let refused = summary.quarantined - refused_before;
+        counters.add(read, read - refused, refused);
         summary.bills_inserted += moves.bills;
         summary.items_inserted += moves.items;
         summary.members_upserted += moves.upserted;

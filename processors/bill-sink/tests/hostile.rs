@@ -261,6 +261,21 @@ async fn hostile_records_become_dead_letters_and_each_usage_id_is_billed_once() 
             || g.usage(11).is_empty()
     );
 
+    // And both stages counted what they refused in their metrics
+    let metrics = billing_runtime::metrics::global().render();
+    for group in [
+        "settlement".to_string(),
+        format!("{}bill-sink", common.topic_prefix),
+    ] {
+        let line = format!("billing_dead_letters_total{{group=\"{group}\"}}");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            "{line} in\n{metrics}"
+        );
+    }
+
     // And the member table kept the last good value of each refused member
     assert_eq!(
         count(url, "select count(*)::bigint as n from member").await,

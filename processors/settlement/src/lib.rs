@@ -552,6 +552,11 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
         "partition settled"
     );
+    billing_runtime::metrics::RecordCounters::for_group(NAME).add(
+        s.members + s.usage_records,
+        s.bills,
+        s.quarantined,
+    );
     Ok(s)
 }
 
