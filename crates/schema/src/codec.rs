@@ -32,7 +32,7 @@ pub const MAGIC: u8 = 0;
 pub const HEADER_LEN: usize = 5;
 
 /// Why a value could not be encoded or decoded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CodecError {
     #[error("payload of {len} bytes is shorter than the {HEADER_LEN}-byte Confluent header")]
     TooShort { len: usize },
@@ -329,13 +329,13 @@ pub fn unsafe_schema(schema: &Schema) -> Option<String> {
 ///
 /// Hostile input stops here: a writer id must be registered under one of the decoder's
 /// subjects (the topics it reads), its schema must be [safe](unsafe_schema), and no
-/// allocation may exceed [`MAX_DECODE_ALLOCATION`]. Verdicts are cached per id, refusals
-/// too, so a flood of forged records costs one registry look-up.
+/// allocation may exceed [`MAX_DECODE_ALLOCATION`]. Verdicts on registered schemas are cached
+/// per id, refusals too, so a flood of forged records costs one registry look-up.
 pub struct Decoder<V> {
     registry: Registry,
     /// Subjects a writer id must be registered under; `None` accepts any registered id.
     subjects: Option<Arc<[String]>>,
-    writers: RwLock<HashMap<u32, Result<Arc<WriterSchema>, String>>>,
+    writers: RwLock<HashMap<u32, Result<Arc<WriterSchema>, CodecError>>>,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -384,20 +384,17 @@ impl<V: AvroRecord> Decoder<V> {
 
     async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
         if let Some(found) = self.writers.read().ok().and_then(|m| m.get(&id).cloned()) {
-            return found.map_err(|reason| CodecError::UnsafeSchema { id, reason });
+            return found;
         }
-        let verdict = match self.admit(id).await {
-            Err(e) if e.is_retriable() => return Err(e),
-            other => other,
-        };
-        if let Ok(mut m) = self.writers.write() {
-            m.insert(
-                id,
-                verdict
-                    .as_ref()
-                    .map(Arc::clone)
-                    .map_err(ToString::to_string),
-            );
+        let verdict = self.admit(id).await;
+        // A verdict on a registered schema never changes; an unreachable registry, or an id it
+        // does not know yet (a registry replica behind its leader), is asked again next time.
+        if !matches!(
+            verdict,
+            Err(CodecError::RegistryUnavailable(_) | CodecError::UnknownSchema { .. })
+        ) && let Ok(mut m) = self.writers.write()
+        {
+            m.insert(id, verdict.clone());
         }
         verdict
     }

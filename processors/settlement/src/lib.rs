@@ -175,6 +175,8 @@ pub enum SettlementError {
 struct Ctx {
     common: CommonArgs,
     month: BillingMonth,
+    /// `month` as usage records spell it, formatted once rather than per record.
+    month_text: String,
     group: String,
     members_topic: String,
     usage_topic: String,
@@ -315,7 +317,7 @@ fn take_usage(
     if let Err(e) = validate::usage(u, key) {
         return Some(format!("usage {:?} refused: {e}", u.usage_id));
     }
-    if u.billing_month != ctx.month.to_string() {
+    if u.billing_month != ctx.month_text {
         s.other_months += 1;
         return None;
     }
@@ -653,6 +655,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         common: common.clone(),
         month: config.month,
+        month_text: config.month.to_string(),
         group: group.clone(),
         bills_topic: catalogue.name(&BILLS.spec),
         products,
