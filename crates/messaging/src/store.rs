@@ -342,7 +342,7 @@ struct ClaimRow {
 
 /// Claims in one statement. A delivery is claimed for attempt `n` (it becomes `sending`,
 /// `n + 1` attempts, with this owner and lease) when it does not exist yet, or stands
-/// `queued` or `failed` at exactly `n` attempts with its hand-over published, or (when
+/// `queued` or `failed` at exactly `n` attempts (the attempt before this one), or (when
 /// `take_over`) is `sending` at `n + 1` attempts with its lease run out. The state shown for
 /// an unclaimed request is the one that stood in the way (the statement's snapshot).
 const CLAIM: &str = "
@@ -365,7 +365,8 @@ const CLAIM: &str = "
     left join claimed c on c.bill_id = r.b and c.channel = r.c
     left join delivery d on d.bill_id = r.b and d.channel = r.c";
 
-/// A batching claimer for one process (`owner`), with leases of `lease`. `take_over`: the
+/// A batching claimer for one process (`owner`) and one channel (its answers are matched by
+/// bill id), with leases of `lease`. `take_over`: the
 /// provider de-duplicates by idempotency key, so a delivery whose holder died mid-send may be
 /// claimed again and re-sent (at least once); otherwise it is left for [`ClaimState::expired`]
 /// handling (at most once).
