@@ -28,6 +28,9 @@ pub const MAX_SNAPSHOT: usize = 4096;
 pub const MAX_CONTRACT_MONTHS: i32 = 120;
 /// Earliest join date: 1900-01-01, in days since 1970-01-01.
 pub const MIN_JOINED_ON: i32 = -25_567;
+/// The latest join date, in days since 1970-01-01: 9999-12-31, the last day with a four-digit
+/// year (what `date` columns and every downstream system can hold).
+pub const MAX_JOINED_ON: i32 = 2_932_896;
 /// Largest monthly fee, unit price or discount cap of a product, won.
 pub const MAX_PRICE: i64 = 100_000_000;
 /// Minutes in a day: do-not-disturb bounds lie in `0..MINUTES_PER_DAY`.
@@ -182,16 +185,15 @@ pub fn member(m: &Member, key: Option<&[u8]>) -> Result<(), Reject> {
         i64::from(MAX_CONTRACT_MONTHS),
         "0..=120",
     )?;
-    // Any later date is accepted here: a member who joined after the month is not billed
-    // for it (settlement skips and counts them), but is a valid member.
-    if m.joined_on < MIN_JOINED_ON {
-        return Err(Reject::OutOfRange {
-            field: "joined_on",
-            value: i64::from(m.joined_on),
-            range: ">= -25567 (1900-01-01)",
-        });
-    }
-    Ok(())
+    // A later date inside the range is accepted here: a member who joined after the month
+    // is not billed for it (settlement skips and counts them), but is a valid member.
+    range(
+        "joined_on",
+        i64::from(m.joined_on),
+        i64::from(MIN_JOINED_ON),
+        i64::from(MAX_JOINED_ON),
+        "-25567..=2932896 (1900-01-01 to 9999-12-31)",
+    )
 }
 
 /// Checks a catalogue entry and its key (the product id).
@@ -395,6 +397,7 @@ mod tests {
             ),
             (|m| m.delivery_day = 0, "delivery_day 0"),
             (|m| m.joined_on = i32::MIN, "joined_on"),
+            (|m| m.joined_on = i32::MAX, "joined_on 2147483647"),
             (|m| m.contract_months = -3, "contract_months -3"),
             (|m| m.plan_id = String::new(), "plan_id is empty"),
         ];

@@ -199,6 +199,12 @@ impl SimulatedGateway {
     }
 }
 
+/// How long the simulated provider keeps trying to record an acceptance while its database
+/// is unreachable. The provider stands for another company's system: an outage of *our*
+/// PostgreSQL (where the simulation happens to keep its mailbox) must not look like a
+/// provider failure, or a fault-injection run's attempts would differ from a calm run's.
+const MAILBOX_PATIENCE: Duration = Duration::from_secs(60);
+
 fn mailbox_writer(channel: &'static str, pool: PgPool) -> Batcher<(String, String), ()> {
     Batcher::spawn(
         "gateway-mailbox",
@@ -207,24 +213,40 @@ fn mailbox_writer(channel: &'static str, pool: PgPool) -> Batcher<(String, Strin
         move |batch: Vec<(String, String)>| {
             let pool = pool.clone();
             async move {
-                let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                 let (keys, addresses): (Vec<String>, Vec<String>) = batch.iter().cloned().unzip();
-                diesel::sql_query(
-                    "insert into gateway_mailbox (channel, idempotency_key, address)
-                 select $1, k, a from unnest($2::text[], $3::text[]) as t(k, a)
-                 on conflict (channel, idempotency_key)
-                 do update set resubmissions = gateway_mailbox.resubmissions + 1",
-                )
-                .bind::<Text, _>(channel)
-                .bind::<Array<Text>, _>(&keys)
-                .bind::<Array<Text>, _>(&addresses)
-                .execute(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-                Ok(vec![(); batch.len()])
+                let started = std::time::Instant::now();
+                loop {
+                    match record_accepted(&pool, channel, &keys, &addresses).await {
+                        Ok(()) => return Ok(vec![(); batch.len()]),
+                        Err(e) if started.elapsed() > MAILBOX_PATIENCE => return Err(e),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                    }
+                }
             }
         },
     )
+}
+
+async fn record_accepted(
+    pool: &PgPool,
+    channel: &str,
+    keys: &[String],
+    addresses: &[String],
+) -> Result<(), String> {
+    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
+    diesel::sql_query(
+        "insert into gateway_mailbox (channel, idempotency_key, address)
+         select $1, k, a from unnest($2::text[], $3::text[]) as t(k, a)
+         on conflict (channel, idempotency_key)
+         do update set resubmissions = gateway_mailbox.resubmissions + 1",
+    )
+    .bind::<Text, _>(channel)
+    .bind::<Array<Text>, _>(keys)
+    .bind::<Array<Text>, _>(addresses)
+    .execute(&mut conn)
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 impl MailGateway for SimulatedGateway {

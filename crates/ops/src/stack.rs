@@ -328,17 +328,96 @@ fn broker_storage(database_url: &str) -> Result<String, OpsError> {
                     ]))?;
                 }
             }
-            // The broker's client verifies TLS strictly; the local server's certificate is
-            // self-signed, and the connection never leaves the machine.
-            Ok(format!(
-                "postgres://{}:{}@{}:{}/{db}?sslmode=disable",
-                url.user, url.password, url.host, url.port
-            ))
+            Ok(storage_url(&url, &db))
         }
         other => Err(err(format!(
             "BILLING_BROKER_STORAGE must be postgres, sqlite or memory, not {other:?}"
         ))),
     }
+}
+
+/// The broker's storage URL for database `db` on `url`'s server. The broker's client
+/// verifies TLS strictly; the local server's certificate is self-signed, and the connection
+/// never leaves the machine.
+fn storage_url(url: &PgUrl, db: &str) -> String {
+    format!(
+        "postgres://{}:{}@{}:{}/{db}?sslmode=disable",
+        url.user, url.password, url.host, url.port
+    )
+}
+
+/// A new, empty broker database `db` on the local server of `database_url` (dropped first if
+/// it exists), owned by its user; returns the broker's storage URL for it. For fault
+/// injection runs, which need a durable broker of their own.
+pub fn fresh_broker_database(database_url: &str, db: &str) -> Result<String, OpsError> {
+    let url = PgUrl::parse(database_url)?;
+    if !is_local(&url.host) {
+        return Err(err("a fresh broker database needs the local PostgreSQL"));
+    }
+    let port = url.port.to_string();
+    run(&mut as_postgres(&[
+        "dropdb",
+        "-p",
+        &port,
+        "--if-exists",
+        "--force",
+        db,
+    ]))?;
+    run(&mut as_postgres(&[
+        "createdb", "-p", &port, "-O", &url.user, db,
+    ]))?;
+    Ok(storage_url(&url, db))
+}
+
+/// The broker serving `listen` (`host:port`) from `storage`, ready to spawn (the caller owns
+/// the process). The stack's own broker is started the same way by `up`.
+pub fn broker_command(listen: &str, storage: &str) -> Result<Command, OpsError> {
+    let (bin, _) = broker_binary()?;
+    let listener = format!("tcp://{listen}");
+    let mut c = Command::new(bin);
+    c.args(broker_args(&listener, storage))
+        .current_dir(stack_dir()?);
+    Ok(c)
+}
+
+fn broker_args(listener: &str, storage: &str) -> Vec<String> {
+    [
+        "broker",
+        "--listener-url",
+        listener,
+        "--advertised-listener-url",
+        listener,
+        "--storage-engine",
+        storage,
+        "--group-initial-rebalance-delay",
+        "0s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Restarts the machine's PostgreSQL cluster with a fast shutdown (every connection is cut),
+/// and waits until it answers again. For fault injection.
+pub fn restart_local_postgres() -> Result<(), OpsError> {
+    let clusters = run(Command::new("pg_lsclusters").arg("--no-header"))?;
+    let first: Vec<&str> = clusters
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let [version, name, ..] = first.as_slice() else {
+        return Err(err("no PostgreSQL cluster to restart"));
+    };
+    run(Command::new("pg_ctlcluster").args([*version, *name, "restart", "-m", "fast"]))?;
+    let start = Instant::now();
+    while run(&mut as_postgres(&["psql", "-qAtc", "select 1"])).is_err() {
+        if start.elapsed() > WAIT {
+            return Err(err("local PostgreSQL did not come back"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(())
 }
 
 /// The broker binary: cached under `$BILLING_HOME`, on PATH, or built now.
@@ -488,17 +567,7 @@ pub async fn up(common: &CommonArgs) -> Result<Up, OpsError> {
             .map_err(|e| err(e.to_string()))??;
         let listener = format!("tcp://{host}:{port}");
         let storage = broker_storage(&common.database_url)?;
-        let args = vec![
-            "broker".to_string(),
-            "--listener-url".into(),
-            listener.clone(),
-            "--advertised-listener-url".into(),
-            listener,
-            "--storage-engine".into(),
-            storage,
-            "--group-initial-rebalance-delay".into(),
-            "0s".into(),
-        ];
+        let args = broker_args(&listener, &storage);
         let pid = spawn_detached("broker", &bin, &args, &[])?;
         tracing::info!(pid, kind, "broker started");
         let brokers = common.kafka_brokers.clone();

@@ -670,7 +670,16 @@ pub async fn run(
                 }
                 break;
             };
-            let m = msg?;
+            // The client reconnects by itself (a broker restart, a network blip): wait and
+            // read on, like the runtime's loop, rather than exit.
+            let m = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "consume error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
             deadline.get_or_insert_with(|| tokio::time::Instant::now() + config.linger);
             let origin = Origin {
                 topic: m.topic().to_string(),

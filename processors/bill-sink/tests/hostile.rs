@@ -55,14 +55,16 @@ async fn hostile_records_become_dead_letters_and_each_usage_id_is_billed_once() 
             .unwrap();
     };
 
-    // And hostile member records: a NUL in a name, a join date at the end of time, 5,000
+    // And hostile member records: a NUL in a name, a join date past year 9999, 5,000
     // copies of one add-on, a broken do-not-disturb window, ids that would collide with other
     // bills, and a value whose id is not its key
     let members_topic = env.topic(&MEMBERS.spec);
     type Mutation = Box<dyn Fn(&mut Member)>;
     let mutations: Vec<(i64, Mutation)> = vec![
         (10, Box::new(|m| m.name = "a\0b".into())),
-        (11, Box::new(|m| m.joined_on = i32::MAX)),
+        // 2030-01-01: a member who joins after the month (valid, not billed for it)
+        (11, Box::new(|m| m.joined_on = 21_915)),
+        (121, Box::new(|m| m.joined_on = i32::MAX)),
         (
             12,
             Box::new(|m| m.addon_ids = vec!["addon-music".into(); 5000]),
@@ -219,6 +221,7 @@ async fn hostile_records_become_dead_letters_and_each_usage_id_is_billed_once() 
         "dnd_start_minute -1 is out of range",
         "member_id 10000000000 is out of range",
         "member_id -7 is out of range",
+        "joined_on 2147483647 is out of range",
         "key \"100000\" does not match",
     ] {
         assert_eq!(
