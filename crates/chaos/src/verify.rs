@@ -267,7 +267,7 @@ async fn check_deliveries(
         .filter(|(b, h)| actual.get(*b).is_some_and(|a| a != *h))
         .map(|(b, _)| b)
         .collect();
-    if let Some(first) = differ.iter().next() {
+    if let Some(first) = <[&i64]>::first(&differ) {
         v.failures.push(format!(
             "{} bills' delivery history differs from the run without kills; bill {first}: {:?}, expected {:?}",
             differ.len(),
