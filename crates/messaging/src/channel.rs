@@ -18,19 +18,12 @@
 //! Guarantee: a bill is delivered at most once per idempotency key at the gateway and recorded
 //! `sent` once (`delivery_sent_once`); every request ends `sent`, handed over, or dead.
 
-use std::{
-    future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use billing_db::PgPool;
 use billing_runtime::{
     Backoff, Clock, CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopDeps, LoopSummary,
-    NOT_BEFORE, Producer, Quarantine, run_consumer,
+    NOT_BEFORE, Producer, Quarantine, metrics::Counter, run_consumer,
 };
 use billing_schema::{
     AvroRecord, CodecError, DeadLetter, Decoder, Encoder, Registry,
@@ -154,11 +147,11 @@ impl Default for ChannelConfig {
 /// metrics (`billing_deliveries_total{channel, outcome}`).
 #[derive(Debug, Default)]
 pub struct ChannelStats {
-    pub sent: Arc<AtomicU64>,
-    pub retried: Arc<AtomicU64>,
-    pub gave_up: Arc<AtomicU64>,
-    pub skipped_delivered: Arc<AtomicU64>,
-    pub deferred: Arc<AtomicU64>,
+    pub sent: Counter,
+    pub retried: Counter,
+    pub gave_up: Counter,
+    pub skipped_delivered: Counter,
+    pub deferred: Counter,
 }
 
 impl ChannelStats {
@@ -313,7 +306,7 @@ impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
             )));
         };
         if bill.delivered {
-            self.stats.skipped_delivered.fetch_add(1, Ordering::Relaxed);
+            self.stats.skipped_delivered.inc();
             tracing::debug!(
                 bill_id = env.bill_id,
                 channel = C::NAME,
@@ -332,7 +325,7 @@ impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
             });
         }
         if let Some(until) = forbidden_until(now, &windows) {
-            self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+            self.stats.deferred.inc();
             let wait = self.clock.real_until(until).max(Duration::from_millis(10));
             return Err(HandleError::Defer(wait));
         }
@@ -370,7 +363,7 @@ impl<C: Channel> ChannelHandler<C> {
         let error = claim.last_error.clone().unwrap_or_default();
         match decide(claim, env.attempt, &source_of(record)) {
             Unclaimed::Stale => {
-                self.stats.skipped_delivered.fetch_add(1, Ordering::Relaxed);
+                self.stats.skipped_delivered.inc();
                 tracing::debug!(
                     bill_id = env.bill_id,
                     channel = C::NAME,
@@ -442,7 +435,7 @@ impl<C: Channel> ChannelHandler<C> {
                 let mut u = with_template(self.update(env, DeliveryStatus::Sent, None, None));
                 u.sent_at = Some(now);
                 self.write(u).await?;
-                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                self.stats.sent.inc();
                 Ok(())
             }
             Err(SendError::Transient(e))
@@ -456,7 +449,7 @@ impl<C: Channel> ChannelHandler<C> {
                 );
                 self.write(with_template(u)).await?;
                 self.publish_retry(record, env, &e).await?;
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                self.stats.retried.inc();
                 Ok(())
             }
             Err(e) => {
@@ -469,7 +462,7 @@ impl<C: Channel> ChannelHandler<C> {
                 );
                 self.write(with_template(u)).await?;
                 self.give_up(bill, record, &reason).await?;
-                self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                self.stats.gave_up.inc();
                 tracing::info!(bill_id = env.bill_id, channel = C::NAME, attempts, error = %reason, "channel gave up");
                 Ok(())
             }
@@ -665,10 +658,10 @@ pub async fn run<C: Channel>(
     let s = &deps.stats;
     Ok(ChannelSummary {
         consumer,
-        sent: s.sent.load(Ordering::Relaxed),
-        retried: s.retried.load(Ordering::Relaxed),
-        gave_up: s.gave_up.load(Ordering::Relaxed),
-        skipped_delivered: s.skipped_delivered.load(Ordering::Relaxed),
+        sent: s.sent.get(),
+        retried: s.retried.get(),
+        gave_up: s.gave_up.get(),
+        skipped_delivered: s.skipped_delivered.get(),
     })
 }
 

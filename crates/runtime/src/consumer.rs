@@ -554,10 +554,10 @@ fn store(consumer: &LoopConsumer, topic: &str, partition: i32, next: i64) {
 /// The loop's metrics, labelled by group.
 struct LoopMetrics {
     records: crate::metrics::RecordCounters,
-    retries: Arc<std::sync::atomic::AtomicU64>,
-    in_flight: Arc<std::sync::atomic::AtomicI64>,
-    held: Arc<std::sync::atomic::AtomicI64>,
-    latency: Arc<crate::metrics::Histogram>,
+    retries: crate::metrics::Counter,
+    in_flight: crate::metrics::Gauge,
+    held: crate::metrics::Gauge,
+    latency: crate::metrics::Histogram,
 }
 
 impl LoopMetrics {
@@ -601,7 +601,7 @@ fn report_lag(consumer: &LoopConsumer, group: &str, tracker: &OffsetTracker) {
                 "Records behind the high watermark.",
                 &[("group", group), ("topic", topic), ("partition", &p)],
             )
-            .store((high - stored).max(0), std::sync::atomic::Ordering::Relaxed);
+            .set((high - stored).max(0));
         }
     }
 }
@@ -613,19 +613,18 @@ fn record(
     metrics: &LoopMetrics,
     d: Done,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     summary.retries += u64::from(d.retries);
-    metrics.retries.fetch_add(u64::from(d.retries), Relaxed);
-    metrics.in_flight.fetch_sub(1, Relaxed);
-    metrics.latency.observe(d.elapsed);
+    metrics.retries.inc_by(u64::from(d.retries));
+    metrics.in_flight.dec();
+    metrics.latency.observe(d.elapsed.as_secs_f64());
     match d.outcome {
         Outcome::Processed => {
             summary.processed += 1;
-            metrics.records.processed.fetch_add(1, Relaxed);
+            metrics.records.processed.inc();
         }
         Outcome::Quarantined => {
             summary.quarantined += 1;
-            metrics.records.quarantined.fetch_add(1, Relaxed);
+            metrics.records.quarantined.inc();
         }
         Outcome::Abandoned => {
             summary.abandoned += 1;
@@ -802,10 +801,9 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             bounds.as_mut(),
             &config.group_id,
         );
-        metrics.held.store(
-            i64::try_from(held.records.len()).unwrap_or(0),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        metrics
+            .held
+            .set(i64::try_from(held.records.len()).unwrap_or(0));
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             report_lag(&consumer, &config.group_id, &tracker);
@@ -822,7 +820,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             () = &mut shutdown => break StopReason::Shutdown,
             () = sleep_until_due(held.next_due()) => {
                 for m in held.release(&consumer) {
-                    metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics.in_flight.inc();
                     in_flight.push(process(
                         m,
                         deps.decoder.clone(),
@@ -837,7 +835,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                 Ok(m) => {
                     // A rebalance heard inside this recv applies before its first record.
                     apply_rebalances(&context, &mut held, &mut tracker, bounds.as_mut(), &config.group_id);
-                    metrics.records.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics.records.consumed.inc();
                     let (topic, partition, offset) = (m.topic().to_string(), m.partition(), m.offset());
                     if let Some(b) = bounds.as_mut()
                         && b.beyond_end(&topic, partition, offset) {
@@ -854,7 +852,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                         continue;
                     }
                     tracker.begin(&topic, partition, offset);
-                    metrics.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics.in_flight.inc();
                     in_flight.push(process(
                         m.detach(),
                         deps.decoder.clone(),

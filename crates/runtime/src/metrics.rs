@@ -1,72 +1,46 @@
 //! Prometheus metrics and the health endpoint every processor serves (`METRICS_ADDR`,
-//! `/metrics` and `/health`). A small registry of counters, gauges and histograms in the text
-//! exposition format; the consumer loop and the channels register theirs in [`global`].
+//! `/metrics` and `/health`). The series live in a `prometheus-client` registry (the
+//! Prometheus project's own Rust client; OpenMetrics text exposition); the consumer loop,
+//! settlement, the sink and the channels register theirs in [`global`] by name and labels.
 
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex, OnceLock,
-        atomic::{AtomicI64, AtomicU64, Ordering},
-    },
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
-/// A histogram with fixed bucket bounds (seconds).
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: Vec<f64>,
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    /// Sum in microseconds.
-    sum_us: AtomicU64,
+pub use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+use prometheus_client::{metrics::family::Family, registry::Registry};
+
+/// A series' labels, in the order given.
+type Labels = Vec<(String, String)>;
+
+/// Latency buckets, seconds: 1 ms to 60 s.
+const BOUNDS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(BOUNDS)
 }
 
-impl Histogram {
-    fn new(bounds: &[f64]) -> Self {
-        Histogram {
-            bounds: bounds.to_vec(),
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_us: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (b, n) in self.bounds.iter().zip(&self.buckets) {
-            if secs <= *b {
-                n.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-}
-
+/// One metric family of each kind, registered under its name on first use.
 #[derive(Debug, Clone)]
-enum Metric {
-    Counter(Arc<AtomicU64>),
-    Gauge(Arc<AtomicI64>),
-    Histogram(Arc<Histogram>),
+enum Fam {
+    Counter(Family<Labels, Counter>),
+    Gauge(Family<Labels, Gauge>),
+    Histogram(Family<Labels, Histogram, fn() -> Histogram>),
 }
-
-/// Name, help, and the series by label set.
-type Family = (String, BTreeMap<String, Metric>);
 
 /// The record counters every processor reports under its group, whatever loop it runs:
 /// records received, records done, records sent to the dead-letter topic.
 #[derive(Debug, Clone)]
 pub struct RecordCounters {
-    pub consumed: Arc<AtomicU64>,
-    pub processed: Arc<AtomicU64>,
-    pub quarantined: Arc<AtomicU64>,
+    pub consumed: Counter,
+    pub processed: Counter,
+    pub quarantined: Counter,
 }
 
 impl RecordCounters {
@@ -95,90 +69,102 @@ impl RecordCounters {
 
     /// Adds to the three counters.
     pub fn add(&self, consumed: u64, processed: u64, quarantined: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.consumed.fetch_add(consumed, Relaxed);
-        self.processed.fetch_add(processed, Relaxed);
-        self.quarantined.fetch_add(quarantined, Relaxed);
+        self.consumed.inc_by(consumed);
+        self.processed.inc_by(processed);
+        self.quarantined.inc_by(quarantined);
     }
 }
 
-/// The registry.
+/// The registry, and the process's health.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    families: Mutex<BTreeMap<String, Family>>,
+    registry: Mutex<Registry>,
+    families: Mutex<HashMap<String, Fam>>,
     heartbeat: Mutex<Option<Instant>>,
     /// Why the main loop, although beating, is not making progress (a held record past its
     /// due time), if it is not.
     stuck: Mutex<Option<&'static str>>,
 }
 
-fn labels(pairs: &[(&str, &str)]) -> String {
-    if pairs.is_empty() {
-        return String::new();
-    }
-    let inner: Vec<String> = pairs
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    format!("{{{}}}", inner.join(","))
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Metrics {
-    fn get(
-        &self,
-        name: &str,
-        help: &str,
-        l: &[(&str, &str)],
-        make: impl FnOnce() -> Metric,
-    ) -> Metric {
-        let mut f = self
-            .families
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let fam = f
-            .entry(name.to_string())
-            .or_insert_with(|| (help.to_string(), BTreeMap::new()));
-        fam.1.entry(labels(l)).or_insert_with(make).clone()
+    /// The family `name`, made and registered by `make` on first use. Counters are registered
+    /// without their `_total` suffix, which the exposition adds.
+    fn family(&self, name: &str, help: &str, make: impl FnOnce() -> Fam) -> Fam {
+        let mut families = lock(&self.families);
+        if let Some(f) = families.get(name) {
+            return f.clone();
+        }
+        let f = make();
+        let mut registry = lock(&self.registry);
+        // The exposition ends every help text with a full stop of its own.
+        let help = help.strip_suffix('.').unwrap_or(help);
+        match &f {
+            Fam::Counter(c) => {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                registry.register(base, help, c.clone());
+            }
+            Fam::Gauge(g) => registry.register(name, help, g.clone()),
+            Fam::Histogram(h) => registry.register(name, help, h.clone()),
+        }
+        families.insert(name.to_string(), f.clone());
+        f
     }
 
-    /// A counter (created on first use).
-    pub fn counter(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Arc<AtomicU64> {
-        match self.get(name, help, l, || Metric::Counter(Arc::default())) {
-            Metric::Counter(c) => c,
-            _ => Arc::default(),
+    /// A counter (created on first use). `name` ends in `_total`.
+    pub fn counter(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Counter {
+        match self.family(name, help, || Fam::Counter(Family::default())) {
+            Fam::Counter(f) => f.get_or_create(&labels(l)).clone(),
+            _ => Counter::default(),
         }
     }
 
     /// A gauge.
-    pub fn gauge(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Arc<AtomicI64> {
-        match self.get(name, help, l, || Metric::Gauge(Arc::default())) {
-            Metric::Gauge(g) => g,
-            _ => Arc::default(),
+    pub fn gauge(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Gauge {
+        match self.family(name, help, || Fam::Gauge(Family::default())) {
+            Fam::Gauge(f) => f.get_or_create(&labels(l)).clone(),
+            _ => Gauge::default(),
         }
     }
 
     /// A latency histogram (seconds) with buckets from 1 ms to 60 s.
-    pub fn histogram(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Arc<Histogram> {
-        const BOUNDS: [f64; 12] = [
-            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
-        ];
-        match self.get(name, help, l, || {
-            Metric::Histogram(Arc::new(Histogram::new(&BOUNDS)))
-        }) {
-            Metric::Histogram(h) => h,
-            _ => Arc::new(Histogram::new(&BOUNDS)),
+    pub fn histogram(&self, name: &str, help: &str, l: &[(&str, &str)]) -> Histogram {
+        let make = || {
+            Fam::Histogram(Family::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            ))
+        };
+        match self.family(name, help, make) {
+            Fam::Histogram(f) => f.get_or_create(&labels(l)).clone(),
+            _ => latency_histogram(),
         }
     }
 
     /// Removes one series (a revoked partition's lag, which is no longer this process's to
     /// report).
     pub fn remove(&self, name: &str, l: &[(&str, &str)]) {
-        let mut f = self
-            .families
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(fam) = f.get_mut(name) {
-            fam.1.remove(&labels(l));
+        let l = labels(l);
+        match lock(&self.families).get(name) {
+            Some(Fam::Counter(f)) => {
+                f.remove(&l);
+            }
+            Some(Fam::Gauge(f)) => {
+                f.remove(&l);
+            }
+            Some(Fam::Histogram(f)) => {
+                f.remove(&l);
+            }
+            None => {}
         }
     }
 
@@ -228,47 +214,11 @@ impl Metrics {
         }
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
-        let f = self
-            .families
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = String::new();
-        for (name, (help, series)) in f.iter() {
-            let kind = match series.values().next() {
-                Some(Metric::Counter(_)) => "counter",
-                Some(Metric::Gauge(_)) => "gauge",
-                Some(Metric::Histogram(_)) => "histogram",
-                None => continue,
-            };
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (l, m) in series {
-                match m {
-                    Metric::Counter(c) => {
-                        let _ = writeln!(out, "{name}{l} {}", c.load(Ordering::Relaxed));
-                    }
-                    Metric::Gauge(g) => {
-                        let _ = writeln!(out, "{name}{l} {}", g.load(Ordering::Relaxed));
-                    }
-                    Metric::Histogram(h) => {
-                        let inner = l.trim_start_matches('{').trim_end_matches('}');
-                        let sep = if inner.is_empty() { "" } else { "," };
-                        for (b, n) in h.bounds.iter().zip(&h.buckets) {
-                            let _ = writeln!(
-                                out,
-                                "{name}_bucket{{{inner}{sep}le=\"{b}\"}} {}",
-                                n.load(Ordering::Relaxed)
-                            );
-                        }
-                        let count = h.count.load(Ordering::Relaxed);
-                        let _ = writeln!(out, "{name}_bucket{{{inner}{sep}le=\"+Inf\"}} {count}");
-                        #[allow(clippy::cast_precision_loss)]
-                        let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-                        let _ = writeln!(out, "{name}_sum{l} {sum}\n{name}_count{l} {count}");
-                    }
-                }
-            }
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &lock(&self.registry)) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
         }
         out
     }
@@ -288,7 +238,18 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     use axum::{Router, http::StatusCode, routing::get};
     let app = Router::new()
-        .route("/metrics", get(|| async { global().render() }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    global().render(),
+                )
+            }),
+        )
         .route(
             "/health",
             get(|| async {
@@ -319,26 +280,31 @@ mod tests {
     #[test]
     fn renders_the_text_format() {
         let m = Metrics::default();
-        m.counter("billing_records_total", "records", &[("topic", "a")])
-            .fetch_add(3, Ordering::Relaxed);
-        m.gauge("billing_in_flight", "in flight", &[])
-            .store(7, Ordering::Relaxed);
+        m.counter("billing_records_total", "records.", &[("topic", "a")])
+            .inc_by(3);
+        m.gauge("billing_in_flight", "in flight", &[]).set(7);
         m.histogram("billing_handle_seconds", "latency", &[("topic", "a")])
-            .observe(Duration::from_millis(20));
+            .observe(0.020);
+        m.gauge("billing_consumer_lag", "lag", &[("partition", "1")])
+            .set(5);
+        m.remove("billing_consumer_lag", &[("partition", "1")]);
         let text = m.render();
         assert!(
-            text.contains(
-                "# TYPE billing_records_total counter\nbilling_records_total{topic=\"a\"} 3"
-            ),
+            text.contains("# TYPE billing_records counter\nbilling_records_total{topic=\"a\"} 3"),
             "{text}"
         );
-        assert!(text.contains("billing_in_flight 7"), "{text}");
+        assert!(text.contains("billing_in_flight{} 7"), "{text}");
         assert!(
-            text.contains("billing_handle_seconds_bucket{topic=\"a\",le=\"0.05\"} 1"),
+            text.contains("# HELP billing_in_flight in flight.\n"),
             "{text}"
         );
         assert!(
-            text.contains("billing_handle_seconds_bucket{topic=\"a\",le=\"0.01\"} 0"),
+            text.contains("billing_handle_seconds_bucket{le=\"0.05\",topic=\"a\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("billing_consumer_lag{"), "{text}");
+        assert!(
+            text.contains("billing_handle_seconds_bucket{le=\"0.01\",topic=\"a\"} 0"),
             "{text}"
         );
         assert!(

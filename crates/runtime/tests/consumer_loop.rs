@@ -397,7 +397,7 @@ async fn held_partitions_moved_away_and_back_mid_run_lose_nothing() {
         &[("group", &group)],
     );
     wait_until("the first instance never held a record", 30, &|| {
-        held.load(std::sync::atomic::Ordering::Relaxed) > 0
+        held.get() > 0
     })
     .await;
     let second = instance(b.clone(), stop_b.clone());

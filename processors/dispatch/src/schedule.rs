@@ -61,6 +61,20 @@ pub async fn run(
 ) -> Result<ScheduleSummary, DispatchError> {
     let clock: Clock = common.clock;
     let mut summary = ScheduleSummary::default();
+    let m = billing_runtime::metrics::global();
+    let passes = |result: &str| {
+        m.counter(
+            "billing_dispatch_passes_total",
+            "Dispatch passes by result: ok, failed.",
+            &[("result", result)],
+        )
+    };
+    let (passes_ok, passes_failed) = (passes("ok"), passes("failed"));
+    let published_total = m.counter(
+        "billing_dispatch_published_total",
+        "Email requests published by dispatch passes.",
+        &[],
+    );
     let mut next_scheduled = clock.now();
     tokio::pin!(shutdown);
     loop {
@@ -79,6 +93,8 @@ pub async fn run(
                 Ok(PassSummary { published, .. }) => {
                     summary.passes += 1;
                     summary.published += published;
+                    passes_ok.inc();
+                    published_total.inc_by(published);
                     if next_scheduled <= now {
                         next_scheduled = next_tick(now, config.interval);
                     }
@@ -86,6 +102,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     summary.failed_passes += 1;
+                    passes_failed.inc();
                     tracing::warn!(error = %e, "dispatch pass failed; retrying");
                 }
             }
