@@ -59,8 +59,10 @@ pub fn expected(
         let items = i64::try_from(b.items.len())?;
         e.bills.insert(b.bill_id, (id, b.final_amount, items));
         let invalid = m.email.ends_with(".invalid");
-        e.histories
-            .insert(b.bill_id, history(gateway, b.bill_id, invalid, attempts));
+        e.histories.insert(
+            b.bill_id,
+            gateway.calm_history(b.bill_id, invalid, attempts),
+        );
         if let (Some(s), Some(t)) = (m.dnd_start_minute, m.dnd_end_minute) {
             e.dnd.insert(id, window(s, t, tz));
         }
@@ -78,23 +80,6 @@ fn window(start: i32, end: i32, tz: Tz) -> Window {
         end: at(end),
         tz,
     }
-}
-
-fn history(gateway: &SimulatedGateway, bill: i64, invalid: bool, attempts: i32) -> History {
-    let first_success = |channel: &str| {
-        (0..attempts).find(|a| !gateway.fails(&format!("{channel}-{bill}"), a.unsigned_abs()))
-    };
-    let mut rows = Vec::new();
-    match (invalid, first_success("email")) {
-        (false, Some(a)) => return vec![("email".into(), "sent".into(), a + 1)],
-        (true, _) => rows.push(("email".into(), "failed".into(), 1)),
-        (false, None) => rows.push(("email".into(), "failed".into(), attempts)),
-    }
-    match first_success("sms") {
-        Some(a) => rows.push(("sms".into(), "sent".into(), a + 1)),
-        None => rows.push(("sms".into(), "dead".into(), attempts)),
-    }
-    rows
 }
 
 #[derive(QueryableByName)]

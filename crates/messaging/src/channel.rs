@@ -23,11 +23,11 @@ use std::{future::Future, sync::Arc, time::Duration};
 use billing_db::PgPool;
 use billing_runtime::{
     Backoff, Clock, CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopDeps, LoopSummary,
-    NOT_BEFORE, Producer, Quarantine, metrics::Counter, run_consumer,
+    NOT_BEFORE, Processor, Producer, metrics::Counter, run_consumer,
 };
 use billing_schema::{
-    AvroRecord, CodecError, DeadLetter, Decoder, Encoder, Registry,
-    catalogue::{DEAD_LETTERS, MAX_RETRIES, Topic},
+    AvroRecord, CodecError, Decoder, Encoder,
+    catalogue::{MAX_RETRIES, Topic},
 };
 use chrono::Utc;
 use chrono_tz::Tz;
@@ -178,6 +178,8 @@ impl ChannelStats {
 /// A channel processor's start-up failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MessagingError {
+    #[error(transparent)]
+    Connect(#[from] billing_runtime::ConnectError),
     #[error(transparent)]
     Codec(#[from] CodecError),
     #[error(transparent)]
@@ -577,27 +579,15 @@ pub async fn run<C: Channel>(
             config.attempts
         )));
     }
-    let catalogue = common.catalogue();
-    let registry = Registry::new(&common.schema_registry_url)?;
+    let p = Processor::connect(common, C::NAME).await?;
+    let catalogue = &p.catalogue;
     let mut retries = Vec::new();
     for t in C::retry_topics()
         .iter()
         .take(usize::try_from(config.attempts - 1).unwrap_or(0))
     {
-        let encoder =
-            Encoder::<C::Request>::register(&registry, &catalogue.value_subject(&t.spec)).await?;
-        retries.push((catalogue.name(&t.spec), encoder));
+        retries.push((p.topic(&t.spec), p.encoder::<C::Request>(&t.spec).await?));
     }
-    let producer = Producer::new(&common.kafka())?;
-    let dlq_encoder =
-        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
-            .await?;
-    let quarantine = Quarantine::new(
-        producer.clone(),
-        catalogue.name(&DEAD_LETTERS.spec),
-        C::NAME,
-        Arc::new(dlq_encoder),
-    );
     let topics = consumed_topics::<C>(common, config.attempts);
     let take_over = channel.unknown_outcome() == UnknownOutcome::Resend;
     // Requests are read only under the subjects of the topics consumed.
@@ -630,12 +620,12 @@ pub async fn run<C: Channel>(
         clock: common.clock,
         tz: common.billing_tz,
         config: config.clone(),
-        producer,
+        producer: p.producer.clone(),
         retries,
         stats: deps.stats.clone(),
         in_progress: std::sync::Mutex::default(),
     });
-    let mut loop_config = LoopConfig::new(format!("{}{}", common.topic_prefix, C::NAME), topics);
+    let mut loop_config = LoopConfig::new(p.group(C::NAME), topics);
     loop_config.max_in_flight = config.max_in_flight;
     loop_config.delayed = delayed;
     loop_config.backoff = Backoff {
@@ -644,9 +634,9 @@ pub async fn run<C: Channel>(
     };
     let loop_deps = LoopDeps {
         kafka: common.kafka(),
-        decoder: Arc::new(Decoder::for_subjects(registry, subjects)),
+        decoder: Arc::new(Decoder::for_subjects(p.registry.clone(), subjects)),
         handler,
-        quarantine,
+        quarantine: p.quarantine.clone(),
     };
     tracing::info!(
         channel = C::NAME,

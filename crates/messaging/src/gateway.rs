@@ -170,6 +170,31 @@ impl SimulatedGateway {
         draw < self.failure_rate
     }
 
+    /// What a run without faults leaves in `delivery` for bill `bill_id` with `attempts` per
+    /// channel: (channel, status, attempts) per channel tried, email first, by this
+    /// simulation's draws. The oracle of the kill tests and `scripts/chaos`.
+    pub fn calm_history(
+        &self,
+        bill_id: i64,
+        undeliverable_email: bool,
+        attempts: i32,
+    ) -> Vec<(String, String, i32)> {
+        let first_success = |channel: &str| {
+            (0..attempts).find(|a| !self.fails(&format!("{channel}-{bill_id}"), a.unsigned_abs()))
+        };
+        let mut rows = Vec::new();
+        match (undeliverable_email, first_success("email")) {
+            (false, Some(a)) => return vec![("email".into(), "sent".into(), a + 1)],
+            (true, _) => rows.push(("email".into(), "failed".into(), 1)),
+            (false, None) => rows.push(("email".into(), "failed".into(), attempts)),
+        }
+        match first_success("sms") {
+            Some(a) => rows.push(("sms".into(), "sent".into(), a + 1)),
+            None => rows.push(("sms".into(), "dead".into(), attempts)),
+        }
+        rows
+    }
+
     async fn submit(&self, key: &str, to: &str, attempt: u32) -> Result<(), SendError> {
         tokio::time::sleep(self.latency).await;
         if to.ends_with(".invalid") {

@@ -1,5 +1,5 @@
-//! `billing settle --month`: settlement, then the bill sink, then the dead-letter recorder,
-//! each bounded, so the command returns once the month's bills are committed rows.
+//! `billing settle --month`: settlement with the bill sink loading beside it, then the
+//! dead-letter recorder, so the command returns once the month's bills are committed rows.
 
 use billing_bill_sink::{SinkConfig, SinkSummary};
 use billing_domain::BillingMonth;
@@ -28,6 +28,37 @@ pub struct MonthTotals {
     pub vat_amount: i64,
     #[diesel(sql_type = BigInt)]
     pub final_amount: i64,
+}
+
+/// The sink stopped before it was told to: its error, or a panic.
+fn sink_ended(
+    joined: Result<Result<SinkSummary, billing_bill_sink::SinkError>, tokio::task::JoinError>,
+) -> OpsError {
+    match joined {
+        Ok(Err(e)) => e.into(),
+        Ok(Ok(_)) => OpsError::Stack("the bill sink stopped early".into()),
+        Err(e) => OpsError::Stack(format!("bill sink task: {e}")),
+    }
+}
+
+/// Waits until `group`'s offsets in PostgreSQL reach the current ends of `bills` and `members`.
+async fn wait_loaded(common: &CommonArgs, group: &str) -> Result<(), OpsError> {
+    use billing_schema::catalogue::{BILLS, MEMBERS};
+    let catalogue = common.catalogue();
+    let topics = vec![catalogue.name(&BILLS.spec), catalogue.name(&MEMBERS.spec)];
+    let consumer: rdkafka::consumer::BaseConsumer =
+        common.kafka().consumer_config(group).create()?;
+    let ends = billing_runtime::consumer::end_offsets(&consumer, &topics)?;
+    loop {
+        let stored = billing_bill_sink::stored_offsets(&common.database_url, group).await?;
+        let done = ends
+            .iter()
+            .all(|(k, (low, high))| high <= low || stored.get(k).is_some_and(|o| o >= high));
+        if done {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// The month's rows in PostgreSQL.
@@ -61,16 +92,48 @@ pub struct SettleReport {
 }
 
 /// Settles `month` and loads it, to completion. Safe to run again: the same bills result.
+///
+/// The sink loads while settlement still produces: it runs unbounded beside it, and is
+/// stopped once the offsets it committed in PostgreSQL (with its rows) reach the ends of
+/// `bills` and `members` as they stand after settlement's last bill was acknowledged. So the
+/// command still returns only when every bill is a committed row.
 pub async fn settle(common: &CommonArgs, month: BillingMonth) -> Result<SettleReport, OpsError> {
     billing_db::migrate(&common.database_url).await?;
     crate::topics::ensure(common).await?;
-    let settlement =
-        billing_settlement::run(common, SettleConfig::new(month), std::future::pending()).await?;
+    let group = format!("{}{}", common.topic_prefix, billing_bill_sink::NAME);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let sink_config = SinkConfig {
-        group_id: format!("{}{}", common.topic_prefix, billing_bill_sink::NAME),
+        group_id: group.clone(),
+        bounded: false,
         ..SinkConfig::bounded()
     };
-    let sink = billing_bill_sink::run(common, sink_config, std::future::pending()).await?;
+    let sink_common = common.clone();
+    let mut sink = tokio::spawn(async move {
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        billing_bill_sink::run(&sink_common, sink_config, stopped).await
+    });
+    let settled = tokio::select! {
+        r = billing_settlement::run(common, SettleConfig::new(month), std::future::pending()) => r,
+        joined = &mut sink => return Err(sink_ended(joined)),
+    };
+    let settlement = match settled {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = stop.send(());
+            let _ = sink.await;
+            return Err(e.into());
+        }
+    };
+    tokio::select! {
+        r = wait_loaded(common, &group) => r?,
+        joined = &mut sink => return Err(sink_ended(joined)),
+    }
+    let _ = stop.send(());
+    let sink = sink
+        .await
+        .map_err(|e| OpsError::Stack(format!("bill sink task: {e}")))??;
     let dead_letters = billing_dlq::run(common, true, std::future::pending()).await?;
     let totals = month_totals(&common.database_url, month).await?;
     Ok(SettleReport {

@@ -235,20 +235,13 @@ fn start_local_postgres(url: &PgUrl) -> Result<(), OpsError> {
             .args(["install", "-y", "postgresql"])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    let clusters = run(Command::new("pg_lsclusters").arg("--no-header"))?;
-    let first: Vec<&str> = clusters
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    match first.as_slice() {
-        [version, name, _port, status, ..] => {
-            if *status != "online" {
-                run(Command::new("pg_ctlcluster").args([*version, *name, "start"]))?;
+    match first_cluster()? {
+        Some(c) => {
+            if c.status != "online" {
+                run(Command::new("pg_ctlcluster").args([&c.version, &c.name, "start"]))?;
             }
         }
-        _ => {
+        None => {
             let versions = run(Command::new("ls").arg("/usr/lib/postgresql"))?;
             let version = versions
                 .split_whitespace()
@@ -258,13 +251,7 @@ fn start_local_postgres(url: &PgUrl) -> Result<(), OpsError> {
             run(Command::new("pg_createcluster").args([version.as_str(), "main", "--start"]))?;
         }
     }
-    let start = Instant::now();
-    while run(&mut as_postgres(&["psql", "-qAtc", "select 1"])).is_err() {
-        if start.elapsed() > WAIT {
-            return Err(err("local PostgreSQL did not start"));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_for_local_postgres("local PostgreSQL did not start")?;
     let role = format!(
         "do $$ begin if not exists (select from pg_roles where rolname = '{u}') then \
          create role {u} login password '{p}'; else alter role {u} login password '{p}'; end if; end $$;",
@@ -399,6 +386,19 @@ fn broker_args(listener: &str, storage: &str) -> Vec<String> {
 /// Restarts the machine's PostgreSQL cluster with a fast shutdown (every connection is cut),
 /// and waits until it answers again. For fault injection.
 pub fn restart_local_postgres() -> Result<(), OpsError> {
+    let c = first_cluster()?.ok_or_else(|| err("no PostgreSQL cluster to restart"))?;
+    run(Command::new("pg_ctlcluster").args([&c.version, &c.name, "restart", "-m", "fast"]))?;
+    wait_for_local_postgres("local PostgreSQL did not come back")
+}
+
+/// The machine's first PostgreSQL cluster, as `pg_lsclusters` lists it.
+struct Cluster {
+    version: String,
+    name: String,
+    status: String,
+}
+
+fn first_cluster() -> Result<Option<Cluster>, OpsError> {
     let clusters = run(Command::new("pg_lsclusters").arg("--no-header"))?;
     let first: Vec<&str> = clusters
         .lines()
@@ -406,14 +406,22 @@ pub fn restart_local_postgres() -> Result<(), OpsError> {
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    let [version, name, ..] = first.as_slice() else {
-        return Err(err("no PostgreSQL cluster to restart"));
-    };
-    run(Command::new("pg_ctlcluster").args([*version, *name, "restart", "-m", "fast"]))?;
+    Ok(match first.as_slice() {
+        [version, name, _port, status, ..] => Some(Cluster {
+            version: (*version).to_string(),
+            name: (*name).to_string(),
+            status: (*status).to_string(),
+        }),
+        _ => None,
+    })
+}
+
+/// Waits until the local server answers its superuser, or fails with `failure` after [`WAIT`].
+fn wait_for_local_postgres(failure: &str) -> Result<(), OpsError> {
     let start = Instant::now();
     while run(&mut as_postgres(&["psql", "-qAtc", "select 1"])).is_err() {
         if start.elapsed() > WAIT {
-            return Err(err("local PostgreSQL did not come back"));
+            return Err(err(failure.to_string()));
         }
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -22,6 +22,7 @@ pub mod clock;
 pub mod config;
 pub mod consumer;
 pub mod metrics;
+pub mod processor;
 pub mod producer;
 pub mod quarantine;
 pub mod shutdown;
@@ -34,5 +35,6 @@ pub use consumer::{
     HandleError, Handler, Incoming, LoopConfig, LoopDeps, LoopSummary, NOT_BEFORE, StopReason,
     run_consumer,
 };
+pub use processor::{ConnectError, Processor};
 pub use producer::{ProduceError, Producer};
 pub use quarantine::Quarantine;

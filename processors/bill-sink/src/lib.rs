@@ -21,18 +21,17 @@
 use std::{
     collections::HashMap,
     future::Future,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use billing_db::schema::{bill_item_stage, bill_stage, consumer_offset, member, member_stage};
 use billing_domain::validate;
 use billing_runtime::{
-    CommonArgs, ProduceError, Producer, Quarantine, consumer::end_offsets, quarantine::Origin,
+    CommonArgs, Processor, ProduceError, Quarantine, consumer::end_offsets, quarantine::Origin,
 };
 use billing_schema::{
-    Bill, BillItemKind, CodecError, DeadLetter, Decoder, Encoder, Member, Registry,
-    catalogue::{BILLS, DEAD_LETTERS, MEMBERS},
+    Bill, BillItemKind, CodecError, Decoder, Member,
+    catalogue::{BILLS, MEMBERS},
 };
 use chrono::{DateTime, NaiveTime, Utc};
 use diesel::{
@@ -125,6 +124,8 @@ pub struct SinkSummary {
 /// The sink failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
+    #[error(transparent)]
+    Connect(#[from] billing_runtime::ConnectError),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
@@ -582,27 +583,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<SinkSummary, SinkError> {
     let started = Instant::now();
-    let catalogue = common.catalogue();
-    let bills_topic = catalogue.name(&BILLS.spec);
-    let members_topic = catalogue.name(&MEMBERS.spec);
+    let p = Processor::connect(common, NAME).await?;
+    let bills_topic = p.topic(&BILLS.spec);
+    let members_topic = p.topic(&MEMBERS.spec);
     let topics = vec![bills_topic.clone(), members_topic.clone()];
-    let registry = Registry::new(&common.schema_registry_url)?;
-    let bill_decoder =
-        Decoder::<Bill>::for_subjects(registry.clone(), vec![catalogue.value_subject(&BILLS.spec)]);
-    let member_decoder = Decoder::<Member>::for_subjects(
-        registry.clone(),
-        vec![catalogue.value_subject(&MEMBERS.spec)],
-    );
-    let producer = Producer::new(&common.kafka())?;
-    let dlq =
-        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
-            .await?;
-    let quarantine = Quarantine::new(
-        producer,
-        catalogue.name(&DEAD_LETTERS.spec),
-        NAME,
-        Arc::new(dlq),
-    );
+    let bill_decoder = p.decoder::<Bill>(&BILLS.spec);
+    let member_decoder = p.decoder::<Member>(&MEMBERS.spec);
+    let quarantine = p.quarantine.clone();
 
     let mut kc = common.kafka().consumer_config(&config.group_id);
     kc.set("fetch.max.bytes", "52428800");

@@ -13,10 +13,10 @@ use std::{future::Future, sync::Arc};
 
 use billing_db::{PgPool, schema::dead_letter};
 use billing_runtime::{
-    CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopSummary, Producer, Quarantine,
+    CommonArgs, HandleError, Handler, Incoming, LoopConfig, LoopSummary, Processor,
     consumer::{LoopDeps, LoopError, run_consumer},
 };
-use billing_schema::{CodecError, DeadLetter, Decoder, Encoder, Registry, catalogue::DEAD_LETTERS};
+use billing_schema::{CodecError, DeadLetter, catalogue::DEAD_LETTERS};
 use diesel::ExpressionMethods;
 use diesel_async::RunQueryDsl;
 
@@ -26,6 +26,8 @@ pub const NAME: &str = "dlq";
 /// The recorder failed to start.
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
+    #[error(transparent)]
+    Connect(#[from] billing_runtime::ConnectError),
     #[error(transparent)]
     Codec(#[from] CodecError),
     #[error(transparent)]
@@ -83,25 +85,17 @@ pub async fn run(
     bounded: bool,
     shutdown: impl Future<Output = ()>,
 ) -> Result<LoopSummary, DlqError> {
-    let catalogue = common.catalogue();
-    let registry = Registry::new(&common.schema_registry_url)?;
-    let topic = catalogue.name(&DEAD_LETTERS.spec);
-    let encoder =
-        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
-            .await?;
-    let producer = Producer::new(&common.kafka())?;
+    let p = Processor::connect(common, NAME).await?;
+    let topic = p.topic(&DEAD_LETTERS.spec);
     let deps = LoopDeps {
         kafka: common.kafka(),
-        decoder: Arc::new(Decoder::for_subjects(
-            registry,
-            vec![catalogue.value_subject(&DEAD_LETTERS.spec)],
-        )),
+        decoder: Arc::new(p.decoder(&DEAD_LETTERS.spec)),
         handler: Arc::new(Recorder {
             pool: billing_db::pool(&common.database_url, 8)?,
         }),
-        quarantine: Quarantine::new(producer, topic.clone(), NAME, Arc::new(encoder)),
+        quarantine: p.quarantine.clone(),
     };
-    let mut config = LoopConfig::new(format!("{}{NAME}", common.topic_prefix), vec![topic]);
+    let mut config = LoopConfig::new(p.group(NAME), vec![topic]);
     config.bounded = bounded;
     config.max_in_flight = 64;
     Ok(run_consumer(config, deps, shutdown).await?)

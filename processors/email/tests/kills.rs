@@ -29,24 +29,6 @@ fn bill_id(member: i64) -> i64 {
     2_026_110_000_000_000 + member
 }
 
-/// What the run without kills gives for a bill: (channel, status, attempts) per delivery row.
-fn expected(gateway: &SimulatedGateway, member: i64) -> Vec<(String, String, i32)> {
-    let b = bill_id(member);
-    let mut rows = Vec::new();
-    let invalid = member % 50 == 0;
-    let email_ok = (0..ATTEMPTS).find(|a| !gateway.fails(&format!("email-{b}"), *a as u32));
-    match (invalid, email_ok) {
-        (false, Some(a)) => return vec![("email".into(), "sent".into(), a + 1)],
-        (true, _) => rows.push(("email".into(), "failed".into(), 1)),
-        (false, None) => rows.push(("email".into(), "failed".into(), ATTEMPTS)),
-    }
-    match (0..ATTEMPTS).find(|a| !gateway.fails(&format!("sms-{b}"), *a as u32)) {
-        Some(a) => rows.push(("sms".into(), "sent".into(), a + 1)),
-        None => rows.push(("sms".into(), "dead".into(), ATTEMPTS)),
-    }
-    rows
-}
-
 #[derive(QueryableByName)]
 struct Row {
     #[diesel(sql_type = BigInt)]
@@ -206,7 +188,12 @@ async fn two_instances_killed_and_restarted_throughout_change_no_bills_history()
             .push((r.channel, r.status, r.attempts));
     }
     let expect: BTreeMap<i64, Vec<(String, String, i32)>> = (1..=BILLS)
-        .map(|m| (bill_id(m), expected(&gateway, m)))
+        .map(|m| {
+            (
+                bill_id(m),
+                gateway.calm_history(bill_id(m), m % 50 == 0, ATTEMPTS),
+            )
+        })
         .collect();
     assert_eq!(actual, expect);
 

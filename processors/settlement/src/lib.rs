@@ -41,15 +41,15 @@ use billing_domain::{
     validate,
 };
 use billing_runtime::{
-    CommonArgs, ProduceError, Producer, Quarantine,
+    CommonArgs, Processor, ProduceError, Producer, Quarantine,
     consumer::end_offsets,
     producer::Pending,
     quarantine::Origin,
     snapshot::{self, PartitionReader},
 };
 use billing_schema::{
-    Bill, CodecError, DeadLetter, Decoder, Encoder, Member, Product, Registry, UsageRecord,
-    catalogue::{BILLS, DEAD_LETTERS, MEMBERS, PRODUCTS, USAGE_RECORDS},
+    Bill, CodecError, Decoder, Encoder, Member, Product, UsageRecord,
+    catalogue::{BILLS, MEMBERS, PRODUCTS, USAGE_RECORDS},
 };
 use chrono::NaiveTime;
 use rdkafka::{
@@ -159,6 +159,8 @@ impl Summary {
 /// Settlement failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SettlementError {
+    #[error(transparent)]
+    Connect(#[from] billing_runtime::ConnectError),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
@@ -566,15 +568,12 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
 async fn load_products(
     common: &CommonArgs,
     group: &str,
-    registry: &Registry,
-    quarantine: &Quarantine,
+    p: &Processor,
 ) -> Result<HashMap<String, Product>, SettlementError> {
-    let topic = common.catalogue().name(&PRODUCTS.spec);
+    let topic = p.topic(&PRODUCTS.spec);
     let group = format!("{group}.products");
-    let decoder = Decoder::<Product>::for_subjects(
-        registry.clone(),
-        vec![common.catalogue().value_subject(&PRODUCTS.spec)],
-    );
+    let decoder = p.decoder::<Product>(&PRODUCTS.spec);
+    let quarantine = &p.quarantine;
     let mut products = HashMap::new();
     snapshot::read_topic(
         &common.kafka(),
@@ -625,20 +624,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Summary, SettlementError> {
     let started = Instant::now();
-    let catalogue = common.catalogue();
-    let group = format!("{NAME}.{}.{}", config.month, config.run_id);
-    let registry = Registry::new(&common.schema_registry_url)?;
-    let producer = Producer::new(&common.kafka())?;
-    let dlq =
-        Encoder::<DeadLetter>::register(&registry, &catalogue.value_subject(&DEAD_LETTERS.spec))
-            .await?;
-    let quarantine = Quarantine::new(
-        producer.clone(),
-        catalogue.name(&DEAD_LETTERS.spec),
-        NAME,
-        Arc::new(dlq),
-    );
-    let products = load_products(common, &group, &registry, &quarantine).await?;
+    let p = Processor::connect(common, NAME).await?;
+    let (catalogue, producer) = (&p.catalogue, &p.producer);
+    let quarantine = p.quarantine.clone();
+    let group = p.group(&format!("{NAME}.{}.{}", config.month, config.run_id));
+    let products = load_products(common, &group, &p).await?;
     info!(month = %config.month, run_id = %config.run_id, products = products.len(), "settlement started");
 
     let members_topic = catalogue.name(&MEMBERS.spec);
@@ -659,17 +649,10 @@ pub async fn run(
         group: group.clone(),
         bills_topic: catalogue.name(&BILLS.spec),
         products,
-        member_decoder: Decoder::for_subjects(
-            registry.clone(),
-            vec![catalogue.value_subject(&MEMBERS.spec)],
-        ),
-        member_encoder: Encoder::register(&registry, &catalogue.value_subject(&MEMBERS.spec))
-            .await?,
-        usage_decoder: Decoder::for_subjects(
-            registry.clone(),
-            vec![catalogue.value_subject(&USAGE_RECORDS.spec)],
-        ),
-        bill_encoder: Encoder::register(&registry, &catalogue.value_subject(&BILLS.spec)).await?,
+        member_decoder: p.decoder(&MEMBERS.spec),
+        member_encoder: p.encoder(&MEMBERS.spec).await?,
+        usage_decoder: p.decoder(&USAGE_RECORDS.spec),
+        bill_encoder: p.encoder(&BILLS.spec).await?,
         producer: producer.clone(),
         quarantine,
         settled_at: month_end.timestamp_millis(),
