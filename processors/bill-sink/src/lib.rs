@@ -513,20 +513,16 @@ async fn member_entry(
 /// database refuses is quarantined, acknowledged, and then only its offset moves, with the
 /// rest of the batch: one bad row never blocks a partition.
 async fn write_entries(
-    common: &CommonArgs,
-    config: &SinkConfig,
+    url: String,
+    group: String,
     writer: &mut Option<PgConnection>,
     quarantine: &Quarantine,
     mut entries: Vec<Entry>,
-    summary: &mut SinkSummary,
-) -> Result<Moves, SinkError> {
+) -> Result<(Moves, u64), SinkError> {
     let mut total = Moves::default();
+    let mut refused_rows = 0;
     loop {
-        let (url, group, conn) = (
-            common.database_url.clone(),
-            config.group_id.clone(),
-            writer.take(),
-        );
+        let (url, group, conn) = (url.clone(), group.clone(), writer.take());
         let (conn, entries_back, result) = tokio::task::spawn_blocking(move || {
             let mut conn = match conn {
                 Some(c) => c,
@@ -553,7 +549,7 @@ async fn write_entries(
         let (moves, refused) = result?;
         total.add(moves);
         let Some((i, reason)) = refused else {
-            return Ok(total);
+            return Ok((total, refused_rows));
         };
         let mut rest = entries.split_off(i);
         let bad = &mut rest[0];
@@ -569,10 +565,83 @@ async fn write_entries(
                 now,
             )
             .await?;
-        summary.quarantined += 1;
+        refused_rows += 1;
         bad.row = Row::Skip;
         entries = rest;
     }
+}
+
+/// A finished write: the connection to reuse (none if it failed), and what moved and how many
+/// rows the database refused, or why it failed.
+type Written = (Option<PgConnection>, Result<(Moves, u64), SinkError>);
+
+/// A batch being written while the next one is read and decoded: at most one at a time, so
+/// transactions (and the offsets they move) stay in consumption order.
+struct Writing {
+    task: tokio::task::JoinHandle<Written>,
+    offsets: HashMap<(String, i32), i64>,
+    read: u64,
+    /// Records of the batch quarantined before the write (they did not decode or validate).
+    refused: u64,
+}
+
+impl Writing {
+    fn start(
+        common: &CommonArgs,
+        config: &SinkConfig,
+        mut writer: Option<PgConnection>,
+        quarantine: &Quarantine,
+        entries: Vec<Entry>,
+        refused: u64,
+    ) -> Self {
+        let offsets = next_offsets(&entries);
+        let read = entries.len() as u64;
+        let (url, group, quarantine) = (
+            common.database_url.clone(),
+            config.group_id.clone(),
+            quarantine.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let r = write_entries(url, group, &mut writer, &quarantine, entries).await;
+            (writer, r)
+        });
+        Writing {
+            task,
+            offsets,
+            read,
+            refused,
+        }
+    }
+}
+
+/// Waits for a batch's transaction, counts it, and hands its offsets to the group as a hint
+/// (PostgreSQL holds the truth). Returns the connection for the next write.
+async fn finish_write(
+    w: Writing,
+    consumer: &StreamConsumer,
+    counters: &billing_runtime::metrics::RecordCounters,
+    summary: &mut SinkSummary,
+    positions: &mut HashMap<(String, i32), i64>,
+) -> Result<Option<PgConnection>, SinkError> {
+    let (writer, result) = w.task.await.map_err(|e| SinkError::Pool(e.to_string()))?;
+    let (moves, db_refused) = result?;
+    let refused = w.refused + db_refused;
+    summary.batches += 1;
+    summary.quarantined += refused;
+    counters.add(w.read, w.read - refused, refused);
+    summary.bills_inserted += moves.bills;
+    summary.items_inserted += moves.items;
+    summary.members_upserted += moves.upserted;
+    summary.members_deleted += moves.deleted;
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), o) in &w.offsets {
+        positions.insert((t.clone(), *p), *o);
+        tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        warn!(error = %e, "cannot store offsets in the group (partition revoked?)");
+    }
+    Ok(writer)
 }
 
 /// Runs the sink until `shutdown` or, when bounded, until the end offsets captured at start
@@ -625,13 +694,17 @@ pub async fn run(
                 .all(|(k, (low, high))| high <= low || positions.get(k).is_some_and(|p| p >= high))
         })
     };
-    'run: loop {
-        if finished(&positions) {
+    // One batch is written (a blocking transaction on its own thread) while the next is read
+    // and decoded; the next write starts only when the previous one is done.
+    let mut writing: Option<Writing> = None;
+    let mut stopping = false;
+    loop {
+        if stopping || (writing.is_none() && finished(&positions)) {
             break;
         }
         // Collect a batch: wait for the first record, then up to `linger` for more.
         let mut entries: Vec<Entry> = Vec::new();
-        let refused_before = summary.quarantined;
+        let mut refused: u64 = 0;
         let mut deadline: Option<tokio::time::Instant> = None;
         while entries.len() < config.batch_size {
             // Every turn ends within half a second (or one batch write): `/health` sees a
@@ -641,7 +714,7 @@ pub async fn run(
             let msg = tokio::select! {
                 biased;
                 () = &mut shutdown => {
-                    if entries.is_empty() { break 'run; }
+                    stopping = true;
                     break;
                 }
                 m = async {
@@ -652,7 +725,7 @@ pub async fn run(
                 } => m,
             };
             let Some(msg) = msg else {
-                if entries.is_empty() && !finished(&positions) {
+                if entries.is_empty() && writing.is_none() && !finished(&positions) {
                     continue;
                 }
                 break;
@@ -696,7 +769,7 @@ pub async fn run(
                     quarantine
                         .send(&origin, m.key(), m.payload(), &reason, vec![], now)
                         .await?;
-                    summary.quarantined += 1;
+                    refused += 1;
                     Row::Skip
                 }
             };
@@ -707,36 +780,23 @@ pub async fn run(
                 row,
             });
         }
-        if entries.is_empty() {
-            continue;
+        if let Some(w) = writing.take() {
+            writer = finish_write(w, &consumer, &counters, &mut summary, &mut positions).await?;
         }
-        let offsets = next_offsets(&entries);
-        let read = entries.len() as u64;
-        let moves = write_entries(
-            common,
-            &config,
-            &mut writer,
-            &quarantine,
-            entries,
-            &mut summary,
-        )
-        .await?;
-        summary.batches += 1;
-        let refused = summary.quarantined - refused_before;
-        counters.add(read, read - refused, refused);
-        summary.bills_inserted += moves.bills;
-        summary.items_inserted += moves.items;
-        summary.members_upserted += moves.upserted;
-        summary.members_deleted += moves.deleted;
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in &offsets {
-            positions.insert((t.clone(), *p), *o);
-            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+        if !entries.is_empty() {
+            let w = Writing::start(
+                common,
+                &config,
+                writer.take(),
+                &quarantine,
+                entries,
+                refused,
+            );
+            writing = Some(w);
         }
-        // A hint for the group; PostgreSQL holds the truth.
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            warn!(error = %e, "cannot store offsets in the group (partition revoked?)");
-        }
+    }
+    if let Some(w) = writing.take() {
+        finish_write(w, &consumer, &counters, &mut summary, &mut positions).await?;
     }
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         warn!(error = %e, "final commit failed; PostgreSQL keeps the exact offsets");
