@@ -70,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Deliveries held for an operator.
+    Delivery {
+        #[command(subcommand)]
+        action: DeliveryAction,
+    },
     /// Move a consumer group on a topic so its stage re-processes (stop the group first).
     Replay {
         /// The consumer group (a processor's name, with the topic prefix if any).
@@ -218,6 +223,20 @@ enum DlqAction {
         ids: Vec<i64>,
         #[arg(long, default_value_t = 1000)]
         limit: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeliveryAction {
+    /// Answer for a delivery held `unknown` (its sender died mid-send on a provider without
+    /// idempotency keys): `sent` if the provider's log shows the message, `resend` if not.
+    Resolve {
+        #[arg(long)]
+        bill: i64,
+        #[arg(long, value_parser = ["email", "sms"])]
+        channel: String,
+        #[arg(long = "as", value_parser = ["sent", "resend"])]
+        resolution: String,
     },
 }
 
@@ -510,6 +529,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("replayed {} dead letters", done.len());
             }
         },
+        Command::Delivery {
+            action:
+                DeliveryAction::Resolve {
+                    bill,
+                    channel,
+                    resolution,
+                },
+        } => {
+            use billing_ops::delivery::{Resolution, resolve};
+            let r = if resolution == "sent" {
+                Resolution::Sent
+            } else {
+                Resolution::Resend
+            };
+            let done = resolve(&common, bill, &channel, r).await?;
+            match (r, done.letter) {
+                (Resolution::Sent, _) => println!("bill {bill}: {channel} marked sent"),
+                (Resolution::Resend, Some(id)) => println!(
+                    "bill {bill}: {channel} reopened at {} attempts; letter {id} replayed",
+                    done.attempts
+                ),
+                (Resolution::Resend, None) => println!("bill {bill}: {channel} reopened"),
+            }
+        }
         Command::Replay {
             group,
             topic,

@@ -16,6 +16,7 @@
 //! - [`replay`]: a consumer group moved back (or forward) on a topic, to re-process.
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
+pub mod delivery;
 pub mod demo;
 pub mod dispatch;
 pub mod dlq;
