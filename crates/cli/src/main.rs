@@ -70,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// The system quiet hours: no message is sent and no bill dispatched inside them.
+    QuietHours {
+        #[command(subcommand)]
+        action: QuietHoursAction,
+    },
     /// Deliveries held for an operator.
     Delivery {
         #[command(subcommand)]
@@ -224,6 +229,14 @@ enum DlqAction {
         #[arg(long, default_value_t = 1000)]
         limit: i64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuietHoursAction {
+    /// The window in force.
+    Show,
+    /// Set the window, HH:MM to HH:MM in BILLING_TZ (it may cross midnight: 21:00 08:00).
+    Set { start: String, end: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -529,6 +542,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("replayed {} dead letters", done.len());
             }
         },
+        Command::QuietHours { action } => {
+            let q = match action {
+                QuietHoursAction::Show => billing_ops::quiet_hours::show(&common).await?,
+                QuietHoursAction::Set { start, end } => {
+                    billing_ops::quiet_hours::set(&common, &start, &end).await?
+                }
+            };
+            println!("quiet hours {q}");
+        }
         Command::Delivery {
             action:
                 DeliveryAction::Resolve {
