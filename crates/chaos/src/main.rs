@@ -181,14 +181,15 @@ async fn play(
     injector.delivery_inputs(cli.month, cli.members).await?;
     faults.hostile = injector.injected.len();
     faults.repeats = injector.repeats;
+    let clock = Clock::simulated(delivery_start(cli.month, common.billing_tz)?, cli.speed);
+    let parts = (&expected, injector.injected.as_slice(), &clock);
     deliver(
         cli,
         common,
         &mut fleet,
         broker,
         &mut faults,
-        &expected,
-        &injector.injected,
+        parts,
         deadline,
     )
     .await?;
@@ -196,8 +197,14 @@ async fn play(
     faults.kills = fleet.kills;
     faults.exits = fleet.exits + broker.exits;
     let mut conn = connect(&common.database_url, deadline).await?;
-    let verdict =
-        verify::verify(&mut conn, &expected, &injector.injected, common.billing_tz).await?;
+    let verdict = verify::verify(
+        &mut conn,
+        &expected,
+        &injector.injected,
+        common.billing_tz,
+        &clock,
+    )
+    .await?;
     Ok((verdict, faults))
 }
 
@@ -311,18 +318,17 @@ fn delivery_start(month: BillingMonth, tz: chrono_tz::Tz) -> anyhow::Result<Date
         .context("no such local time")
 }
 
-#[allow(clippy::too_many_arguments)] // the run's parts, passed once
+/// Delivery on the simulated `clock`, with the kills and the two restarts, until every bill
+/// is finished (or the deadline passes).
 async fn deliver(
     cli: &Cli,
     common: &CommonArgs,
     fleet: &mut Fleet,
     broker: &mut Broker,
     faults: &mut Faults,
-    expected: &verify::Expected,
-    injected: &[hostile::Injected],
+    (expected, injected, clock): (&verify::Expected, &[hostile::Injected], &Clock),
     deadline: Instant,
 ) -> anyhow::Result<()> {
-    let clock = Clock::simulated(delivery_start(cli.month, common.billing_tz)?, cli.speed);
     let with_clock = [("BILLING_CLOCK", clock.to_string())];
     for name in ["dispatch", "email", "sms"] {
         fleet.start(name, 2, &with_clock)?;
@@ -449,7 +455,7 @@ fn report(
     log_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     println!(
-        "chaos: {} members, seed {}, {:.0} s\n  faults: {} kills, {} crashes restarted, {} broker restart, {} PostgreSQL restart, {} hostile records, {} usage records sent twice\n  outcome: {} bills, {} sent by email, {} by SMS, {} dead; hostile records lettered {}/{}\n  duplicates {}, lost {}, submissions after acceptance {}",
+        "chaos: {} members, seed {}, {:.0} s\n  faults: {} kills, {} crashes restarted, {} broker restart, {} PostgreSQL restart, {} hostile records, {} usage records sent twice\n  outcome: {} bills, {} sent by email, {} by SMS, {} dead; hostile records lettered {}/{}\n  duplicates {}, lost {}, submissions after acceptance {}; sent_at to acceptance at most {} simulated s",
         cli.members,
         cli.seed,
         elapsed.as_secs_f64(),
@@ -468,6 +474,7 @@ fn report(
         v.duplicates,
         v.lost,
         v.resubmissions,
+        v.acceptance_lag_max,
     );
     if v.failures.is_empty() && v.duplicates == 0 && v.lost == 0 {
         println!("  every check passed (logs: {})", log_dir.display());

@@ -13,6 +13,8 @@ use diesel::{
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
+use billing_runtime::Clock;
+
 use crate::hostile::Injected;
 
 /// A bill's delivery rows: (channel, status, attempts), by channel.
@@ -139,6 +141,9 @@ pub struct Verdict {
     /// after it had been accepted).
     pub resubmissions: i64,
     pub hostile_lettered: usize,
+    /// The longest time, on the simulated clock, from a send's decision (`sent_at`) to the
+    /// provider's recorded acceptance, seconds.
+    pub acceptance_lag_max: i64,
     pub failures: Vec<String>,
 }
 
@@ -152,11 +157,13 @@ pub async fn verify(
     e: &Expected,
     injected: &[Injected],
     tz: Tz,
+    clock: &Clock,
 ) -> anyhow::Result<Verdict> {
     let mut v = Verdict::default();
     check_bills(conn, e, &mut v).await?;
     check_deliveries(conn, e, tz, &mut v).await?;
     check_provider(conn, &mut v).await?;
+    check_sent_at(conn, clock, &mut v).await?;
     check_letters(conn, injected, &mut v).await?;
     Ok(v)
 }
@@ -306,6 +313,54 @@ async fn check_provider(conn: &mut AsyncPgConnection, v: &mut Verdict) -> anyhow
             "{orphans} SMS deliveries without a recorded email give-up"
         ));
     }
+    Ok(())
+}
+
+/// `sent_at` is the instant the send was decided (simulated clock); the provider recorded its
+/// acceptance in real time. For every message accepted once, the decision must not come after
+/// the acceptance (read on the same clock, with a minute's slack for the mailbox's batching):
+/// a later `sent_at` would belong to another attempt than the one that went out.
+async fn check_sent_at(
+    conn: &mut AsyncPgConnection,
+    clock: &Clock,
+    v: &mut Verdict,
+) -> anyhow::Result<()> {
+    let Clock::Simulated {
+        start,
+        speed,
+        anchor,
+    } = *clock
+    else {
+        return Ok(());
+    };
+    let late: N = diesel::sql_query(
+        "select count(*)::bigint as n from delivery d
+         join gateway_mailbox g on g.idempotency_key = d.channel || '-' || d.bill_id
+         where d.status = 'sent' and g.resubmissions = 0
+           and d.sent_at > $1 + (g.accepted_at - $2) * $3 + interval '1 minute'",
+    )
+    .bind::<Timestamptz, _>(start)
+    .bind::<Timestamptz, _>(anchor)
+    .bind::<diesel::sql_types::Double, _>(speed)
+    .get_result(conn)
+    .await?;
+    if late.n > 0 {
+        v.failures.push(format!(
+            "{} sent deliveries record a sent_at after the provider accepted them",
+            late.n
+        ));
+    }
+    let lead: N = diesel::sql_query(
+        "select coalesce(max(extract(epoch from $1 + (g.accepted_at - $2) * $3 - d.sent_at)), 0)::bigint as n
+         from delivery d join gateway_mailbox g on g.idempotency_key = d.channel || '-' || d.bill_id
+         where d.status = 'sent' and g.resubmissions = 0",
+    )
+    .bind::<Timestamptz, _>(start)
+    .bind::<Timestamptz, _>(anchor)
+    .bind::<diesel::sql_types::Double, _>(speed)
+    .get_result(conn)
+    .await?;
+    v.acceptance_lag_max = lead.n;
     Ok(())
 }
 
