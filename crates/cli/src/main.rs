@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         action: QuietHoursAction,
     },
+    /// Console accounts.
+    Operator {
+        #[command(subcommand)]
+        action: OperatorAction,
+    },
     /// Deliveries held for an operator.
     Delivery {
         #[command(subcommand)]
@@ -228,6 +233,17 @@ enum DlqAction {
         ids: Vec<i64>,
         #[arg(long, default_value_t = 1000)]
         limit: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorAction {
+    /// Create a console account; its password (12 characters or more) is read from standard
+    /// input, one line.
+    Add {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator"])]
+        role: String,
     },
 }
 
@@ -542,6 +558,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("replayed {} dead letters", done.len());
             }
         },
+        Command::Operator {
+            action: OperatorAction::Add { name, role },
+        } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            let role: billing_ops::operators::Role = role.parse()?;
+            billing_ops::operators::add(&common, &name, role, password).await?;
+            println!("account {name} ({}) added", role.as_str());
+        }
         Command::QuietHours { action } => {
             let q = match action {
                 QuietHoursAction::Show => billing_ops::quiet_hours::show(&common).await?,

@@ -20,6 +20,7 @@ pub mod delivery;
 pub mod demo;
 pub mod dispatch;
 pub mod dlq;
+pub mod operators;
 pub mod quiet_hours;
 pub mod reconcile;
 pub mod replay;
