@@ -6,9 +6,10 @@
 //!
 //! Guarantees (exactly-once effect in PostgreSQL):
 //! - The batch's next offsets are written to `consumer_offset` in the same transaction as
-//!   its rows. At start, those offsets are committed to the group, so a restart resumes
-//!   exactly where the data stopped; Kafka's own commits, made after each transaction, are
-//!   only a hint.
+//!   its rows. At start, those offsets are committed to the group (a partition's beginning
+//!   where the database holds none), so a restart resumes exactly where the data stopped
+//!   and an emptied database is loaded again; Kafka's own commits, made after each
+//!   transaction, are only a hint.
 //! - A batch is COPYed into session-local staging tables, then moved in one statement: a bill
 //!   with `on conflict (member_id, billing_month) do nothing`, and its items only if the bill
 //!   itself was inserted: replays, re-runs and concurrent sinks can never duplicate a bill or
@@ -663,17 +664,21 @@ pub async fn run(
     let mut kc = common.kafka().consumer_config(&config.group_id);
     kc.set("fetch.max.bytes", "52428800");
     let consumer: StreamConsumer = kc.create()?;
-    // PostgreSQL's offsets are the truth: hand them to the group before joining it.
+    // PostgreSQL's offsets are the truth: hand them to the group before joining it. A
+    // partition the database holds no offset for starts at its beginning, whatever the group
+    // committed in Kafka (an emptied or restored database is loaded again; writes are
+    // idempotent, so records already in it are not doubled).
     let mut positions = stored_offsets(&common.database_url, &config.group_id).await?;
     positions.retain(|(t, _), _| topics.contains(t));
-    if !positions.is_empty() {
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in &positions {
-            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            warn!(error = %e, "cannot hand stored offsets to the group (another member is active?); rows stay exact, records may be read again");
-        }
+    let mut tpl = TopicPartitionList::new();
+    for ((t, p), (low, _)) in end_offsets(&consumer, &topics)? {
+        let from = positions.get(&(t.clone(), p)).copied().unwrap_or(low);
+        tpl.add_partition_offset(&t, p, Offset::Offset(from))?;
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+    {
+        warn!(error = %e, "cannot hand stored offsets to the group (another member is active?); rows stay exact, records may be read again");
     }
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
