@@ -51,10 +51,7 @@ async fn wait_loaded(common: &CommonArgs, group: &str) -> Result<(), OpsError> {
     let ends = billing_runtime::consumer::end_offsets(&consumer, &topics)?;
     loop {
         let stored = billing_bill_sink::stored_offsets(&common.database_url, group).await?;
-        let done = ends
-            .iter()
-            .all(|(k, (low, high))| high <= low || stored.get(k).is_some_and(|o| o >= high));
-        if done {
+        if billing_bill_sink::reached(&ends, &stored) {
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -437,6 +437,16 @@ fn write_until_refused(
     Ok((moves, refused.map(|(i, r)| (i + mid, r))))
 }
 
+/// Whether `positions` (next offsets to read) reach `ends` on every partition that holds
+/// records: the records present when `ends` were captured are all loaded.
+pub fn reached(
+    ends: &billing_runtime::consumer::EndOffsets,
+    positions: &HashMap<(String, i32), i64>,
+) -> bool {
+    ends.iter()
+        .all(|(k, (low, high))| high <= low || positions.get(k).is_some_and(|p| p >= high))
+}
+
 /// The offsets this group stored in PostgreSQL.
 pub async fn stored_offsets(
     database_url: &str,
@@ -694,10 +704,7 @@ pub async fn run(
     let mut writer: Option<PgConnection> = None;
     tokio::pin!(shutdown);
     let finished = |positions: &HashMap<(String, i32), i64>| {
-        ends.as_ref().is_some_and(|ends| {
-            ends.iter()
-                .all(|(k, (low, high))| high <= low || positions.get(k).is_some_and(|p| p >= high))
-        })
+        ends.as_ref().is_some_and(|ends| reached(ends, positions))
     };
     // One batch is written (a blocking transaction on its own thread) while the next is read
     // and decoded; the next write starts only when the previous one is done.
