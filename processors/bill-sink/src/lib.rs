@@ -251,7 +251,7 @@ struct Entry {
 }
 
 /// The next offset per (topic, partition) after `entries` (in consumption order).
-fn next_offsets(entries: &[Entry]) -> HashMap<(String, i32), i64> {
+fn next_offsets<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> HashMap<(String, i32), i64> {
     let mut out = HashMap::new();
     for e in entries {
         out.insert(
@@ -294,7 +294,59 @@ const STAGING: &str = "
     create temp table if not exists bill_item_stage (like bill_item including defaults) on commit delete rows;
     create temp table if not exists member_stage (like member including defaults) on commit delete rows;";
 
-/// Writes `entries` and their offsets in one transaction. Rows are COPYed into staging
+/// Locks this group's offset rows for `partitions` (created at 0 where missing), in one order
+/// so that two writers never deadlock, and returns the next offset each holds.
+///
+/// This is the sink's fence. Kafka's committed offsets are only a hint that can lag
+/// PostgreSQL: after a rebalance a second instance may read records another instance has
+/// already written. Holding these row locks to the end of the transaction, a writer sees
+/// every write that committed before it, and skips the records below the stored offset, so no
+/// row (a member's older value, say) and no offset ever goes back.
+fn lock_offsets(
+    conn: &mut PgConnection,
+    group: &str,
+    partitions: &[(String, i32)],
+) -> Result<HashMap<(String, i32), i64>, diesel::result::Error> {
+    use diesel::sql_types::{Array, Integer, Text};
+    let mut sorted = partitions.to_vec();
+    sorted.sort();
+    let (topics, parts): (Vec<String>, Vec<i32>) = sorted.into_iter().unzip();
+    diesel::sql_query(
+        "insert into consumer_offset (group_id, topic, partition, next_offset, updated_at)
+         select $1, t, p, 0, now() from unnest($2::text[], $3::int[]) as u(t, p) order by t, p
+         on conflict do nothing",
+    )
+    .bind::<Text, _>(group)
+    .bind::<Array<Text>, _>(&topics)
+    .bind::<Array<Integer>, _>(&parts)
+    .execute(conn)?;
+    let rows: Vec<StoredOffset> = diesel::sql_query(
+        "select topic, partition, next_offset from consumer_offset
+         where group_id = $1 and (topic, partition) in (select * from unnest($2::text[], $3::int[]))
+         order by topic, partition for update",
+    )
+    .bind::<Text, _>(group)
+    .bind::<Array<Text>, _>(&topics)
+    .bind::<Array<Integer>, _>(&parts)
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.topic, r.partition), r.next_offset))
+        .collect())
+}
+
+#[derive(QueryableByName)]
+struct StoredOffset {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    topic: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    partition: i32,
+    #[diesel(sql_type = BigInt)]
+    next_offset: i64,
+}
+
+/// Writes `entries` and their offsets in one transaction. The partitions' offset rows are
+/// locked first ([`lock_offsets`]) and records below them skipped. Rows are COPYed into staging
 /// tables, then moved with `on conflict do nothing`; items move only with a bill that was
 /// inserted now; a member's last value in the batch wins.
 fn write_batch(
@@ -304,10 +356,19 @@ fn write_batch(
 ) -> Result<Moves, diesel::result::Error> {
     conn.transaction::<_, diesel::result::Error, _>(|conn| {
         conn.batch_execute(STAGING)?;
+        let partitions: Vec<(String, i32)> = next_offsets(entries).into_keys().collect();
+        let stored = lock_offsets(conn, group, &partitions)?;
+        let fresh: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| {
+                let key = (e.origin.topic.clone(), e.origin.partition);
+                stored.get(&key).is_none_or(|next| e.origin.offset >= *next)
+            })
+            .collect();
         let mut bill_rows: Vec<&NewBill> = Vec::new();
         let mut items: Vec<&NewItem> = Vec::new();
         let mut members: HashMap<i64, Option<&MemberRow>> = HashMap::new();
-        for e in entries {
+        for e in &fresh {
             match &e.row {
                 Row::Bill(b, its) => {
                     bill_rows.push(b);
@@ -319,7 +380,7 @@ fn write_batch(
                 Row::Skip => {}
             }
         }
-        let offsets = next_offsets(entries);
+        let offsets = next_offsets(fresh.iter().copied());
         diesel::copy_from(bill_stage::table).from_insertable(bill_rows).execute(conn)?;
         diesel::copy_from(bill_item_stage::table).from_insertable(items).execute(conn)?;
         let moved: Moved = diesel::sql_query(
@@ -824,4 +885,72 @@ pub async fn run(
         "bill sink stopped"
     );
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn member_entry_at(topic: &str, offset: i64, name: &str) -> Entry {
+        let row = MemberRow {
+            id: 7,
+            name: name.to_string(),
+            email: "m7@example.com".to_string(),
+            phone: "010-0000-0007".to_string(),
+            delivery_day: 5,
+            dnd_start: None,
+            dnd_end: None,
+            plan_id: "P1".to_string(),
+            updated_at: Utc::now(),
+        };
+        Entry {
+            origin: Origin {
+                topic: topic.to_string(),
+                partition: 0,
+                offset,
+            },
+            key: None,
+            payload: None,
+            row: Row::Member(7, Some(Box::new(row))),
+        }
+    }
+
+    fn stored(conn: &mut PgConnection) -> (String, i64) {
+        let name: String = member::table
+            .filter(member::id.eq(7))
+            .select(member::name)
+            .first(conn)
+            .unwrap();
+        let next: i64 = consumer_offset::table
+            .select(consumer_offset::next_offset)
+            .first(conn)
+            .unwrap();
+        (name, next)
+    }
+
+    /// Two instances of the sink: one writes a partition up to offset 2; a rebalance hands the
+    /// partition to the other, which starts from the group's Kafka offset (a hint that may lag
+    /// PostgreSQL) and writes what it read again. The rows and the offset must not go back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_read_from_a_lagging_offset_moves_nothing_back() {
+        let env = billing_testkit::TestEnv::new().await;
+        let url = env.database().await;
+        let topic = env.topic(&MEMBERS.spec);
+        let mut conn = PgConnection::establish(&url).unwrap();
+        let newer = [
+            member_entry_at(&topic, 0, "first"),
+            member_entry_at(&topic, 1, "second"),
+        ];
+        write_until_refused(&mut conn, "g", &newer).unwrap();
+        assert_eq!(stored(&mut conn), ("second".to_string(), 2));
+
+        let stale = [member_entry_at(&topic, 0, "first")];
+        write_until_refused(&mut conn, "g", &stale).unwrap();
+        assert_eq!(
+            stored(&mut conn),
+            ("second".to_string(), 2),
+            "a record below the stored offset was written again"
+        );
+    }
 }
