@@ -242,7 +242,7 @@ impl OffsetTracker {
 
 /// A change of this member's assignment, as the loop learns of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Rebalanced {
+pub(crate) enum Rebalanced {
     Revoked(Vec<(String, i32)>),
     Assigned(Vec<(String, i32)>),
 }
@@ -300,7 +300,7 @@ impl LoopContext {
         }
     }
 
-    fn take(&self) -> Vec<Rebalanced> {
+    pub(crate) fn take(&self) -> Vec<Rebalanced> {
         self.events
             .lock()
             .map(|mut q| std::mem::take(&mut *q))

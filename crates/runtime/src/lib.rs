@@ -9,6 +9,8 @@
 //!   an offset only once every record before it is done, quarantine what cannot be
 //!   processed, optionally stop at the end offsets captured at start (bounded mode), drain on
 //!   shutdown.
+//! - [`batch`]: the loop's batch mode, for a sink that writes batches in transactions with
+//!   their offsets (the bill sink), several partitions' lanes at once.
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`quarantine`]: where records go that cannot be processed: the dead-letter topic.
 //! - [`admin`]: topic creation from the catalogue.
@@ -18,6 +20,7 @@
 //! - [`telemetry`]: tracing set-up (text for people, JSON for containers).
 
 pub mod admin;
+pub mod batch;
 pub mod clock;
 pub mod config;
 pub mod consumer;

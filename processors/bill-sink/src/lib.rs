@@ -2,7 +2,8 @@
 //!
 //! Consumes `bills` (writes `bill`, then its `bill_item` rows, each item with its JSON
 //! snapshot) and `members` (upserts `member`, deletes on a tombstone), in batches of up to
-//! `batch_size` records, one database transaction per batch.
+//! `batch_size` records, one database transaction per batch, `writers` transactions at once
+//! (the runtime's batch loop, [`billing_runtime::batch`], one lane per partition group).
 //!
 //! Guarantees (exactly-once effect in PostgreSQL):
 //! - The batch's next offsets are written to `consumer_offset` in the same transaction as
@@ -10,6 +11,9 @@
 //!   where the database holds none), so a restart resumes exactly where the data stopped
 //!   and an emptied database is loaded again; Kafka's own commits, made after each
 //!   transaction, are only a hint.
+//! - Each transaction first locks its partitions' offset rows and skips the records below
+//!   them ([`lock_offsets`]): an instance that reads from a lagging hint after a rebalance,
+//!   or two writers, can never move a row or an offset back.
 //! - A batch is COPYed into session-local staging tables, then moved in one statement: a bill
 //!   with `on conflict (member_id, billing_month) do nothing`, and its items only if the bill
 //!   itself was inserted: replays, re-runs and concurrent sinks can never duplicate a bill or
@@ -22,13 +26,20 @@
 use std::{
     collections::HashMap,
     future::Future,
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use billing_db::schema::{bill_item_stage, bill_stage, consumer_offset, member, member_stage};
 use billing_domain::validate;
 use billing_runtime::{
-    CommonArgs, Processor, ProduceError, Quarantine, consumer::end_offsets, quarantine::Origin,
+    CommonArgs, Processor, ProduceError, Quarantine,
+    batch::{
+        BatchConfig, BatchSink, Positions, RowError, Staged, WriteResult, Written, run_batches,
+    },
 };
 use billing_schema::{
     Bill, BillItemKind, CodecError, Decoder, Member,
@@ -39,12 +50,8 @@ use diesel::{
     Connection, ExecuteCopyFromDsl, ExpressionMethods, Insertable, PgConnection, QueryDsl,
     QueryableByName, RunQueryDsl, connection::SimpleConnection, sql_types::BigInt,
 };
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
-    error::KafkaError,
-};
-use tracing::{info, warn};
+use rdkafka::error::KafkaError;
+use tracing::info;
 
 /// The processor's name and default group id.
 pub const NAME: &str = "bill-sink";
@@ -71,6 +78,10 @@ pub struct SinkArgs {
     /// How long a batch waits to fill, milliseconds.
     #[arg(long, env = "BILL_SINK_LINGER_MS", default_value_t = 200)]
     pub linger_ms: u64,
+    /// Transactions written at once, each on its own connection (partition p goes to
+    /// writer p mod N, so each partition stays in order).
+    #[arg(long, env = "BILL_SINK_WRITERS", default_value_t = 2)]
+    pub writers: usize,
     /// Stop once the records present at start are loaded (batch mode, benchmarks).
     #[arg(long)]
     pub bounded: bool,
@@ -82,6 +93,8 @@ pub struct SinkConfig {
     pub group_id: String,
     pub batch_size: usize,
     pub linger: Duration,
+    /// Transactions written at once.
+    pub writers: usize,
     /// Stop once the end offsets captured at start are loaded.
     pub bounded: bool,
 }
@@ -92,6 +105,7 @@ impl From<SinkArgs> for SinkConfig {
             group_id: a.group_id,
             batch_size: a.batch_size.max(1),
             linger: Duration::from_millis(a.linger_ms),
+            writers: a.writers.max(1),
             bounded: a.bounded,
         }
     }
@@ -104,6 +118,7 @@ impl SinkConfig {
             group_id: NAME.to_string(),
             batch_size: 5_000,
             linger: Duration::from_millis(100),
+            writers: 2,
             bounded: true,
         }
     }
@@ -139,6 +154,8 @@ pub enum SinkError {
     Query(#[from] diesel::result::Error),
     #[error("no database connection: {0}")]
     Pool(String),
+    #[error("a write task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 #[derive(Debug, Insertable)]
@@ -234,21 +251,16 @@ fn bill_rows(b: Bill) -> (NewBill, Vec<NewItem>) {
 }
 
 /// What one record of a batch becomes in PostgreSQL.
+#[derive(Debug)]
 enum Row {
     Bill(NewBill, Vec<NewItem>),
     /// A member upserted (`Some`) or deleted (`None`).
     Member(i64, Option<Box<MemberRow>>),
-    /// Already quarantined: only its offset moves.
-    Skip,
 }
 
-/// One record of a batch, with what is needed to quarantine it if its row is refused.
-struct Entry {
-    origin: Origin,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    row: Row,
-}
+/// One record of a batch, with what is needed to quarantine it if its row is refused (no
+/// row: already quarantined, only its offset moves).
+type Entry = Staged<Row>;
 
 /// The next offset per (topic, partition) after `entries` (in consumption order).
 fn next_offsets<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> HashMap<(String, i32), i64> {
@@ -269,6 +281,12 @@ struct Moves {
     items: u64,
     upserted: u64,
     deleted: u64,
+}
+
+impl std::ops::AddAssign for Moves {
+    fn add_assign(&mut self, o: Moves) {
+        self.add(o);
+    }
 }
 
 impl Moves {
@@ -370,14 +388,14 @@ fn write_batch(
         let mut members: HashMap<i64, Option<&MemberRow>> = HashMap::new();
         for e in &fresh {
             match &e.row {
-                Row::Bill(b, its) => {
+                Some(Row::Bill(b, its)) => {
                     bill_rows.push(b);
                     items.extend(its);
                 }
-                Row::Member(id, m) => {
+                Some(Row::Member(id, m)) => {
                     members.insert(*id, m.as_deref());
                 }
-                Row::Skip => {}
+                None => {}
             }
         }
         let offsets = next_offsets(fresh.iter().copied());
@@ -500,13 +518,7 @@ fn write_until_refused(
 
 /// Whether `positions` (next offsets to read) reach `ends` on every partition that holds
 /// records: the records present when `ends` were captured are all loaded.
-pub fn reached(
-    ends: &billing_runtime::consumer::EndOffsets,
-    positions: &HashMap<(String, i32), i64>,
-) -> bool {
-    ends.iter()
-        .all(|(k, (low, high))| high <= low || positions.get(k).is_some_and(|p| p >= high))
-}
+pub use billing_runtime::batch::reached;
 
 /// The offsets this group stored in PostgreSQL.
 pub async fn stored_offsets(
@@ -531,21 +543,13 @@ pub async fn stored_offsets(
     .map_err(|e| SinkError::Pool(e.to_string()))?
 }
 
-/// Why a record does not become a row.
-enum RowError {
-    /// The registry could not be reached: stop, the record is read again.
-    Retriable(CodecError),
-    /// The record can never be loaded: quarantined with this reason.
-    Refused(String),
-}
-
 async fn bill_row(
     decoder: &Decoder<Bill>,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-) -> Result<Row, RowError> {
+) -> Result<Row, RowError<SinkError>> {
     match decoder.decode(payload).await {
-        Err(e) if e.is_retriable() => Err(RowError::Retriable(e)),
+        Err(e) if e.is_retriable() => Err(RowError::Retriable(e.into())),
         Err(e) => Err(RowError::Refused(format!("cannot decode: {e}"))),
         Ok(b) => match validate::bill(&b, key) {
             Ok(()) => {
@@ -561,7 +565,7 @@ async fn member_entry(
     decoder: &Decoder<Member>,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-) -> Result<Row, RowError> {
+) -> Result<Row, RowError<SinkError>> {
     let Some(payload) = payload else {
         return match validate::key_member_id(key) {
             Some(id) => Ok(Row::Member(id, None)),
@@ -571,7 +575,7 @@ async fn member_entry(
         };
     };
     match decoder.decode(Some(payload)).await {
-        Err(e) if e.is_retriable() => Err(RowError::Retriable(e)),
+        Err(e) if e.is_retriable() => Err(RowError::Retriable(e.into())),
         Err(e) => Err(RowError::Refused(format!("cannot decode: {e}"))),
         Ok(m) => match validate::member(&m, key) {
             Ok(()) => Ok(Row::Member(m.member_id, Some(Box::new(member_row(m))))),
@@ -638,243 +642,101 @@ async fn write_entries(
             )
             .await?;
         refused_rows += 1;
-        bad.row = Row::Skip;
+        bad.row = None;
         entries = rest;
     }
 }
 
-/// A finished write: the connection to reuse (none if it failed), and what moved and how many
-/// rows the database refused, or why it failed.
-type Written = (Option<PgConnection>, Result<(Moves, u64), SinkError>);
-
-/// A batch being written while the next one is read and decoded: at most one at a time, so
-/// transactions (and the offsets they move) stay in consumption order.
-struct Writing {
-    task: tokio::task::JoinHandle<Written>,
-    offsets: HashMap<(String, i32), i64>,
-    read: u64,
-    /// Records of the batch quarantined before the write (they did not decode or validate).
-    refused: u64,
+/// The sink as the runtime's batch loop sees it.
+struct Sink {
+    url: String,
+    group: String,
+    quarantine: Quarantine,
+    bills_topic: String,
+    bill_decoder: Decoder<Bill>,
+    member_decoder: Decoder<Member>,
+    bills_seen: AtomicU64,
 }
 
-impl Writing {
-    fn start(
-        common: &CommonArgs,
-        config: &SinkConfig,
-        mut writer: Option<PgConnection>,
-        quarantine: &Quarantine,
-        entries: Vec<Entry>,
-        refused: u64,
-    ) -> Self {
-        let offsets = next_offsets(&entries);
-        let read = entries.len() as u64;
-        let (url, group, quarantine) = (
-            common.database_url.clone(),
-            config.group_id.clone(),
-            quarantine.clone(),
-        );
-        let task = tokio::spawn(async move {
-            let r = write_entries(url, group, &mut writer, &quarantine, entries).await;
-            (writer, r)
-        });
-        Writing {
-            task,
-            offsets,
-            read,
-            refused,
+impl BatchSink for Sink {
+    type Row = Row;
+    type Writer = PgConnection;
+    type Moves = Moves;
+    type Error = SinkError;
+
+    async fn row(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> Result<Row, RowError<SinkError>> {
+        if topic == self.bills_topic {
+            self.bills_seen.fetch_add(1, Ordering::Relaxed);
+            bill_row(&self.bill_decoder, key, payload).await
+        } else {
+            member_entry(&self.member_decoder, key, payload).await
         }
     }
+
+    async fn stored_offsets(&self) -> Result<Positions, SinkError> {
+        stored_offsets(&self.url, &self.group).await
+    }
+
+    async fn write(
+        self: Arc<Self>,
+        mut writer: Option<PgConnection>,
+        batch: Vec<Entry>,
+    ) -> WriteResult<PgConnection, Moves, SinkError> {
+        let (url, group) = (self.url.clone(), self.group.clone());
+        let r = write_entries(url, group, &mut writer, &self.quarantine, batch).await;
+        let written = r.map(|(moves, refused)| Written { moves, refused });
+        (writer, written)
+    }
 }
 
-/// Waits for a batch's transaction, counts it, and hands its offsets to the group as a hint
-/// (PostgreSQL holds the truth). Returns the connection for the next write.
-async fn finish_write(
-    w: Writing,
-    consumer: &StreamConsumer,
-    counters: &billing_runtime::metrics::RecordCounters,
-    summary: &mut SinkSummary,
-    positions: &mut HashMap<(String, i32), i64>,
-) -> Result<Option<PgConnection>, SinkError> {
-    let (writer, result) = w.task.await.map_err(|e| SinkError::Pool(e.to_string()))?;
-    let (moves, db_refused) = result?;
-    let refused = w.refused + db_refused;
-    summary.batches += 1;
-    summary.quarantined += refused;
-    counters.add(w.read, w.read - refused, refused);
-    summary.bills_inserted += moves.bills;
-    summary.items_inserted += moves.items;
-    summary.members_upserted += moves.upserted;
-    summary.members_deleted += moves.deleted;
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), o) in &w.offsets {
-        positions.insert((t.clone(), *p), *o);
-        tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        warn!(error = %e, "cannot store offsets in the group (partition revoked?)");
-    }
-    Ok(writer)
-}
-
-/// Runs the sink until `shutdown` or, when bounded, until the end offsets captured at start
-/// are loaded.
+/// Runs the sink on the runtime's batch loop until `shutdown` or, when bounded, until the end
+/// offsets captured at start are loaded.
 pub async fn run(
     common: &CommonArgs,
     config: SinkConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<SinkSummary, SinkError> {
-    let started = Instant::now();
     let p = Processor::connect(common, NAME).await?;
-    let bills_topic = p.topic(&BILLS.spec);
-    let members_topic = p.topic(&MEMBERS.spec);
-    let topics = vec![bills_topic.clone(), members_topic.clone()];
-    let bill_decoder = p.decoder::<Bill>(&BILLS.spec);
-    let member_decoder = p.decoder::<Member>(&MEMBERS.spec);
-    let quarantine = p.quarantine.clone();
-
-    let mut kc = common.kafka().consumer_config(&config.group_id);
-    kc.set("fetch.max.bytes", "52428800");
-    let consumer: StreamConsumer = kc.create()?;
-    // PostgreSQL's offsets are the truth: hand them to the group before joining it. A
-    // partition the database holds no offset for starts at its beginning, whatever the group
-    // committed in Kafka (an emptied or restored database is loaded again; writes are
-    // idempotent, so records already in it are not doubled).
-    let mut positions = stored_offsets(&common.database_url, &config.group_id).await?;
-    positions.retain(|(t, _), _| topics.contains(t));
-    let mut tpl = TopicPartitionList::new();
-    for ((t, p), (low, _)) in end_offsets(&consumer, &topics)? {
-        let from = positions.get(&(t.clone(), p)).copied().unwrap_or(low);
-        tpl.add_partition_offset(&t, p, Offset::Offset(from))?;
-    }
-    if tpl.count() > 0
-        && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
-    {
-        warn!(error = %e, "cannot hand stored offsets to the group (another member is active?); rows stay exact, records may be read again");
-    }
-    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topic_refs)?;
-    let ends = if config.bounded {
-        Some(end_offsets(&consumer, &topics)?)
-    } else {
-        None
+    let sink = Arc::new(Sink {
+        url: common.database_url.clone(),
+        group: config.group_id.clone(),
+        quarantine: p.quarantine.clone(),
+        bills_topic: p.topic(&BILLS.spec),
+        bill_decoder: p.decoder::<Bill>(&BILLS.spec),
+        member_decoder: p.decoder::<Member>(&MEMBERS.spec),
+        bills_seen: AtomicU64::new(0),
+    });
+    let batch = BatchConfig {
+        group_id: config.group_id.clone(),
+        topics: vec![p.topic(&BILLS.spec), p.topic(&MEMBERS.spec)],
+        batch_size: config.batch_size,
+        linger: config.linger,
+        writers: config.writers,
+        bounded: config.bounded,
     };
-    info!(group = %config.group_id, bounded = config.bounded, "bill sink started");
-
-    let mut summary = SinkSummary::default();
-    let counters = billing_runtime::metrics::RecordCounters::for_group(&config.group_id);
-    let mut writer: Option<PgConnection> = None;
-    tokio::pin!(shutdown);
-    let finished = |positions: &HashMap<(String, i32), i64>| {
-        ends.as_ref().is_some_and(|ends| reached(ends, positions))
+    let done = run_batches(
+        batch,
+        common.kafka(),
+        sink.clone(),
+        p.quarantine.clone(),
+        shutdown,
+    )
+    .await?;
+    let summary = SinkSummary {
+        batches: done.batches,
+        bills_seen: sink.bills_seen.load(Ordering::Relaxed),
+        bills_inserted: done.moves.bills,
+        items_inserted: done.moves.items,
+        members_upserted: done.moves.upserted,
+        members_deleted: done.moves.deleted,
+        quarantined: done.quarantined,
+        elapsed: done.elapsed,
     };
-    // One batch is written (a blocking transaction on its own thread) while the next is read
-    // and decoded; the next write starts only when the previous one is done.
-    let mut writing: Option<Writing> = None;
-    let mut stopping = false;
-    loop {
-        if stopping || (writing.is_none() && finished(&positions)) {
-            break;
-        }
-        // Collect a batch: wait for the first record, then up to `linger` for more.
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut refused: u64 = 0;
-        let mut deadline: Option<tokio::time::Instant> = None;
-        while entries.len() < config.batch_size {
-            // Every turn ends within half a second (or one batch write): `/health` sees a
-            // stuck sink.
-            billing_runtime::metrics::global().beat();
-            let recv = consumer.recv();
-            let msg = tokio::select! {
-                biased;
-                () = &mut shutdown => {
-                    stopping = true;
-                    break;
-                }
-                m = async {
-                    match deadline {
-                        Some(d) => tokio::time::timeout_at(d, recv).await.ok(),
-                        None => tokio::time::timeout(Duration::from_millis(500), recv).await.ok(),
-                    }
-                } => m,
-            };
-            let Some(msg) = msg else {
-                if entries.is_empty() && writing.is_none() && !finished(&positions) {
-                    continue;
-                }
-                break;
-            };
-            // The client reconnects by itself (a broker restart, a network blip): wait and
-            // read on, like the runtime's loop, rather than exit.
-            let m = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(error = %e, "consume error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            deadline.get_or_insert_with(|| tokio::time::Instant::now() + config.linger);
-            let origin = Origin {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-            };
-            if let Some(ends) = &ends
-                && ends
-                    .get(&(origin.topic.clone(), origin.partition))
-                    .is_none_or(|(_, high)| origin.offset >= *high)
-            {
-                continue;
-            }
-            let is_bill = origin.topic == bills_topic;
-            summary.bills_seen += u64::from(is_bill);
-            let row = if is_bill {
-                bill_row(&bill_decoder, m.key(), m.payload()).await
-            } else {
-                member_entry(&member_decoder, m.key(), m.payload()).await
-            };
-            let row = match row {
-                Ok(row) => row,
-                Err(RowError::Retriable(e)) => return Err(e.into()),
-                Err(RowError::Refused(reason)) => {
-                    // Acknowledged before the transaction that moves the offset past it.
-                    let now = Utc::now().timestamp_millis();
-                    quarantine
-                        .send(&origin, m.key(), m.payload(), &reason, vec![], now)
-                        .await?;
-                    refused += 1;
-                    Row::Skip
-                }
-            };
-            entries.push(Entry {
-                origin,
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                row,
-            });
-        }
-        if let Some(w) = writing.take() {
-            writer = finish_write(w, &consumer, &counters, &mut summary, &mut positions).await?;
-        }
-        if !entries.is_empty() {
-            let w = Writing::start(
-                common,
-                &config,
-                writer.take(),
-                &quarantine,
-                entries,
-                refused,
-            );
-            writing = Some(w);
-        }
-    }
-    if let Some(w) = writing.take() {
-        finish_write(w, &consumer, &counters, &mut summary, &mut positions).await?;
-    }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        warn!(error = %e, "final commit failed; PostgreSQL keeps the exact offsets");
-    }
-    summary.elapsed = started.elapsed();
     info!(
         batches = summary.batches,
         bills_inserted = summary.bills_inserted,
@@ -891,6 +753,7 @@ pub async fn run(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use billing_runtime::quarantine::Origin;
 
     fn member_entry_at(topic: &str, offset: i64, name: &str) -> Entry {
         let row = MemberRow {
@@ -912,7 +775,7 @@ mod tests {
             },
             key: None,
             payload: None,
-            row: Row::Member(7, Some(Box::new(row))),
+            row: Some(Row::Member(7, Some(Box::new(row)))),
         }
     }
 
