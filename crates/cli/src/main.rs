@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         action: QuietHoursAction,
     },
+    /// The operator console (web pages) until interrupted.
+    Console {
+        #[command(flatten)]
+        args: billing_console::ConsoleArgs,
+    },
     /// Console accounts.
     Operator {
         #[command(subcommand)]
@@ -567,6 +572,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let role: billing_ops::operators::Role = role.parse()?;
             billing_ops::operators::add(&common, &name, role, password).await?;
             println!("account {name} ({}) added", role.as_str());
+        }
+        Command::Console { args } => {
+            eprintln!(
+                "console on http://{}/ (log in with an account from `billing operator add`)",
+                args.listen
+            );
+            billing_console::serve(common, args, billing_runtime::shutdown::signal()).await?;
         }
         Command::QuietHours { action } => {
             let q = match action {

@@ -60,6 +60,19 @@ pub async fn list(common: &CommonArgs, filter: &Filter) -> Result<Vec<Letter>, O
     Ok(q.load(&mut conn).await?)
 }
 
+/// Letter `id`.
+pub async fn one(common: &CommonArgs, id: i64) -> Result<Letter, OpsError> {
+    use diesel::OptionalExtension;
+    let mut conn = billing_db::connect(&common.database_url).await?;
+    dead_letter::table
+        .select(Letter::as_select())
+        .filter(dead_letter::id.eq(id))
+        .first(&mut conn)
+        .await
+        .optional()?
+        .ok_or_else(|| OpsError::NotFound(format!("no dead letter {id}")))
+}
+
 /// Replays the letters `ids` (every letter not yet replayed when empty, up to `limit`):
 /// returns the ids replayed. A letter without a payload cannot be replayed and is refused.
 pub async fn replay(common: &CommonArgs, ids: &[i64], limit: i64) -> Result<Vec<i64>, OpsError> {
@@ -130,4 +143,31 @@ pub async fn replay(common: &CommonArgs, ids: &[i64], limit: i64) -> Result<Vec<
         done.push(l.id);
     }
     Ok(done)
+}
+
+/// A letter's payload as JSON for people: the writer schema named by its Confluent frame,
+/// fetched from the registry and checked like every decoder's (no self-containing types, no
+/// allocation past [`billing_schema::codec::MAX_DECODE_ALLOCATION`]). `Err` says why it cannot
+/// be shown (a hostile record often cannot).
+pub async fn payload_json(
+    common: &CommonArgs,
+    letter: &Letter,
+) -> Result<serde_json::Value, String> {
+    use billing_schema::codec::{MAX_DECODE_ALLOCATION, split_frame, unsafe_schema};
+    let payload = letter
+        .payload
+        .as_deref()
+        .ok_or("no payload (a tombstone)")?;
+    let (id, mut body) = split_frame(payload).map_err(|e| e.to_string())?;
+    let registry = Registry::new(&common.schema_registry_url).map_err(|e| e.to_string())?;
+    let schema = registry.schema_by_id(id).await.map_err(|e| e.to_string())?;
+    if let Some(why) = unsafe_schema(&schema) {
+        return Err(format!("schema {id} is not decoded: {why}"));
+    }
+    apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let value = reader.read_value(&mut body).map_err(|e| e.to_string())?;
+    serde_json::Value::try_from(value).map_err(|e| e.to_string())
 }

@@ -14,13 +14,17 @@
 //!   with a real bill.
 //! - [`dlq`]: dead letters listed and replayed.
 //! - [`replay`]: a consumer group moved back (or forward) on a topic, to re-process.
+//! - [`overview`]: where each month stands, and one member's bills and deliveries.
+//! - [`audit`]: every operator action recorded (who, what, when, result).
 //! - [`topics`]: catalogue topics and their schemas, created and registered together.
 
+pub mod audit;
 pub mod delivery;
 pub mod demo;
 pub mod dispatch;
 pub mod dlq;
 pub mod operators;
+pub mod overview;
 pub mod quiet_hours;
 pub mod reconcile;
 pub mod replay;

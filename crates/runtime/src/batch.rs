@@ -176,7 +176,12 @@ struct InFlight<S: BatchSink> {
 fn next_offsets<R>(batch: &[Staged<R>]) -> Positions {
     batch
         .iter()
-        .map(|s| ((s.origin.topic.clone(), s.origin.partition), s.origin.offset + 1))
+        .map(|s| {
+            (
+                (s.origin.topic.clone(), s.origin.partition),
+                s.origin.offset + 1,
+            )
+        })
         .collect()
 }
 
@@ -303,9 +308,8 @@ impl<S: BatchSink> State<S> {
         for event in self.context.take() {
             if let Rebalanced::Revoked(parts) = event {
                 for lane in &mut self.lanes {
-                    lane.buffer.retain(|s| {
-                        !parts.contains(&(s.origin.topic.clone(), s.origin.partition))
-                    });
+                    lane.buffer
+                        .retain(|s| !parts.contains(&(s.origin.topic.clone(), s.origin.partition)));
                     if lane.buffer.is_empty() {
                         lane.deadline = None;
                     }
@@ -340,11 +344,7 @@ impl<S: BatchSink> State<S> {
 
     /// Turns a consumed record into a lane's entry; returns an error only when the loop must
     /// stop (the record is then read again).
-    async fn take(
-        &mut self,
-        quarantine: &Quarantine,
-        m: &impl Message,
-    ) -> Result<(), S::Error> {
+    async fn take(&mut self, quarantine: &Quarantine, m: &impl Message) -> Result<(), S::Error> {
         let origin = Origin {
             topic: m.topic().to_string(),
             partition: m.partition(),

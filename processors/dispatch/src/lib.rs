@@ -80,7 +80,7 @@ pub enum Trigger {
 }
 
 impl Trigger {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Schedule => "schedule",
             Trigger::Operator => "operator",
@@ -195,6 +195,50 @@ pub async fn in_quiet_hours(
     .load(conn)
     .await?;
     Ok(rows.as_slice().first().is_some_and(|q| q.quiet))
+}
+
+/// What a pass at an instant would do, without doing it (the console's preview).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Preview {
+    /// The system quiet hours hold every due bill.
+    pub quiet_hours: bool,
+    /// Due bills not dispatched yet.
+    pub due: u64,
+    /// Of those, held by their member's do-not-disturb window.
+    pub held_by_window: u64,
+}
+
+impl Preview {
+    /// Bills a pass would dispatch now.
+    pub fn would_dispatch(&self) -> u64 {
+        if self.quiet_hours {
+            0
+        } else {
+            self.due - self.held_by_window
+        }
+    }
+}
+
+/// Counts what a pass at `now` would select and hold (same due set as the pass; one scan).
+pub async fn preview(common: &CommonArgs, now: DateTime<Utc>) -> Result<Preview, DispatchError> {
+    let mut conn = billing_db::connect(&common.database_url).await?;
+    let quiet = in_quiet_hours(&mut conn, now).await?;
+    let counts: Vec<Selected> = diesel::sql_query(format!(
+        "select count(*)::bigint as selected, count(*) filter (where held)::bigint as held from ({DUE}) d"
+    ))
+    .bind::<Timestamptz, _>(now)
+    .bind::<Text, _>(common.billing_tz.name())
+    .load(&mut conn)
+    .await?;
+    let (due, held) = counts
+        .as_slice()
+        .first()
+        .map_or((0, 0), |c| (c.selected, c.held));
+    Ok(Preview {
+        quiet_hours: quiet,
+        due: u64::try_from(due).unwrap_or(0),
+        held_by_window: u64::try_from(held).unwrap_or(0),
+    })
 }
 
 /// One dispatch pass at `now`.

@@ -1,0 +1,2 @@
+drop table audit;
+drop table console_session;
