@@ -77,21 +77,22 @@ impl FromRequestParts<App> for Session {
     }
 }
 
-/// Security headers on every response: no script, no framing, no sniffing, no referrer.
+/// Security headers on every response: no script, no framing, no sniffing, no referrer. A
+/// handler that sets its own policy keeps it (the sandboxed template preview).
 async fn security_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
     let h = response.headers_mut();
     for (name, value) in [
         (
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::REFERRER_POLICY, "no-referrer"),
         (header::CACHE_CONTROL, "no-store"),
     ] {
-        h.insert(name, HeaderValue::from_static(value));
+        h.entry(name).or_insert(HeaderValue::from_static(value));
     }
     response
 }
@@ -124,6 +125,7 @@ pub fn router(app: Arc<Console>) -> Router {
             get(pages::templates_page).post(pages::template_create),
         )
         .route("/templates/{id}", get(pages::template_page))
+        .route("/templates/{id}/preview", get(pages::template_preview))
         .route("/templates/{id}/activate", post(pages::template_activate))
         .route("/dead-letters", get(pages::letters_page))
         .route("/dead-letters/{id}", get(pages::letter_page))

@@ -603,10 +603,10 @@ async fn template_view(
         pre { (t.body) }
         h2 { "Preview with a real bill" }
         @match preview {
-            Ok((subject, rendered)) => {
+            Ok((subject, _)) => {
                 @if let Some(subject) = subject { p { "Subject: " strong #preview-subject { (subject) } } }
-                // Shown as text: the rendered HTML is the message, not part of this page.
-                pre #preview { (rendered) }
+                // The message itself, rendered in a sandboxed frame that may run nothing.
+                iframe #preview sandbox="" src=(format!("/templates/{id}/preview")) title="rendered message" {}
             }
             Err(e) => p.error { (e.to_string()) },
         }
@@ -620,6 +620,32 @@ pub async fn template_page(
     Path(id): Path<i64>,
 ) -> Result<Markup, Failure> {
     template_view(&app, &s, id, None).await
+}
+
+/// The rendered message alone, for the preview frame: HTML for email (its inline styles
+/// allowed, nothing else; sandboxed), text for SMS.
+pub async fn template_preview(
+    State(app): State<App>,
+    _s: Session,
+    Path(id): Path<i64>,
+) -> Result<Response, Failure> {
+    let t = templates::show(&app.common, id).await?;
+    let (_, rendered) = templates::preview(&app.common, id, None).await?;
+    let kind = if t.channel == "email" {
+        "text/html; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let csp = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'self'; sandbox";
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CONTENT_SECURITY_POLICY, csp),
+            (header::X_FRAME_OPTIONS, "SAMEORIGIN"),
+        ],
+        rendered,
+    )
+        .into_response())
 }
 
 pub async fn template_activate(
