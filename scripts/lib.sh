@@ -25,6 +25,21 @@ install_prerequisites() {
   fi
 }
 
+# Headless Chromium and its driver for the console's browser tests (Debian's packages; a test
+# tool's own browser download cannot work here), and a Korean font so pages render names.
+install_browser() {
+  local missing=()
+  for pkg in chromium chromium-driver fonts-nanum; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
 build_release() {
   log "building the workspace (release)"
   (cd "$ROOT" && cargo build --release --workspace --bins)

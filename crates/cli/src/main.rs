@@ -141,6 +141,12 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Where the console listens while the month is delivered (a one-time login is printed).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        console: std::net::SocketAddr,
+        /// Do not start the console.
+        #[arg(long)]
+        no_console: bool,
     },
     /// Apply the database migrations, create the catalogue topics and register their schemas.
     Migrate,
@@ -656,6 +662,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway_seed,
             timeout_min,
             quiet,
+            console,
+            no_console,
         } => {
             if !(speed.is_finite() && speed > 0.0 && (0.0..=1.0).contains(&gateway_failure_rate)) {
                 eprintln!(
@@ -673,6 +681,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gateway_seed,
                 timeout: std::time::Duration::from_secs(timeout_min * 60),
                 progress: !quiet,
+                console: (!no_console).then_some(console),
             };
             let r = billing_ops::demo::demo(&common, options).await?;
             let t = &r.totals;

@@ -262,6 +262,7 @@ pub async fn logout(
 pub async fn overview(State(app): State<App>, s: Session) -> Result<Markup, Failure> {
     let months = overview::months(&app.common).await?;
     let members = overview::member_count(&app.common).await?;
+    let groups = overview::groups(&app.common).await;
     let body = html! {
         // Refreshes itself without script (the policy allows none).
         meta http-equiv="refresh" content="10";
@@ -280,6 +281,18 @@ pub async fn overview(State(app): State<App>, s: Session) -> Result<Markup, Fail
             }
         }
         @if months.is_empty() { p { "No bills yet: settle a month (billing settle --month YYYY-MM)." } }
+        h2 { "Processors" }
+        @match &groups {
+            Ok(groups) => table #groups {
+                thead { tr { th { "Group" } th { "State" } th { "Instances" } th { "Lag (records)" } th { "Topics" } } }
+                tbody { @for g in groups {
+                    tr class=(if g.members > 0 { "up" } else { "down" }) {
+                        td { (g.group) } td { (g.state) } td.n { (g.members) } td.n { (won(g.lag)) } td { (g.topics.join(", ")) }
+                    }
+                } }
+            },
+            Err(e) => p.error { "The broker cannot be asked: " (e.to_string()) },
+        }
     };
     Ok(layout("Overview", Some(&s), body))
 }

@@ -49,6 +49,8 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// Progress bars on the terminal.
     pub progress: bool,
+    /// Where the console listens during the delivery, with a one-time login (none: no console).
+    pub console: Option<std::net::SocketAddr>,
 }
 
 /// How long nothing may move, once the delivery month is over, before the demo says it
@@ -184,6 +186,12 @@ fn spawn(
         .env("GATEWAY_SEED", options.gateway_seed.to_string())
         .env("DISPATCH_INTERVAL_SECS", "3600")
         .env("DISPATCH_POLL_MS", "200")
+        .env(
+            "CONSOLE_LISTEN",
+            options
+                .console
+                .map_or_else(|| "127.0.0.1:8090".to_string(), |a| a.to_string()),
+        )
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err))
         .kill_on_drop(true)
@@ -262,6 +270,22 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         for name in ["dlq", "sms", "email", "dispatch"] {
             children.push((name, spawn(name, common, &clock, &options, &log_dir)?));
         }
+        // The console on the same clock, with an account that lives as long as this demo.
+        let login = match options.console {
+            Some(addr) => {
+                let login = crate::operators::one_time(common).await?;
+                children.push((
+                    "console",
+                    spawn("console", common, &clock, &options, &log_dir)?,
+                ));
+                eprintln!(
+                    "console: http://{addr}/ (log in as {} with password {}; the account is disabled when the demo ends)",
+                    login.0, login.1
+                );
+                Some(login.0)
+            }
+            None => None,
+        };
         let multi = MultiProgress::new();
         let len = u64::try_from(bills).unwrap_or(0);
         let dispatched = bar(&multi, len, "dispatched", options.progress);
@@ -339,6 +363,9 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         }
         for (_, child) in &mut children {
             let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        }
+        if let Some(name) = login {
+            crate::operators::disable(common, &name).await?;
         }
         outcome?;
     }

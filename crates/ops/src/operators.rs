@@ -124,6 +124,27 @@ fn decoy() -> &'static str {
     })
 }
 
+/// Disables account `name`: its password and its open console sessions stop working.
+pub async fn disable(common: &CommonArgs, name: &str) -> Result<(), OpsError> {
+    let mut conn = billing_db::connect(&common.database_url).await?;
+    diesel::sql_query(
+        "update operator set disabled_at = now() where name = $1 and disabled_at is null",
+    )
+    .bind::<Text, _>(name)
+    .execute(&mut conn)
+    .await?;
+    Ok(())
+}
+
+/// A fresh operator account with a random name and password, for one demo: (name, password).
+pub async fn one_time(common: &CommonArgs) -> Result<(String, String), OpsError> {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let name = format!("demo-{}", hex(&rand::random::<[u8; 3]>()));
+    let password = hex(&rand::random::<[u8; 12]>());
+    add(common, &name, Role::Operator, &password).await?;
+    Ok((name, password))
+}
+
 /// The role of account `name` if `password` is its password and the account is enabled;
 /// `None` otherwise (whatever the reason).
 pub async fn check(

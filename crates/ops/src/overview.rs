@@ -197,3 +197,85 @@ pub async fn member(common: &CommonArgs, id: i64) -> Result<MemberHistory, OpsEr
         deliveries,
     })
 }
+
+/// A processor's consumer group as the broker sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub group: String,
+    /// The broker's word for it (`Stable`, `Empty`, `PreparingRebalance`, ...), or why it
+    /// could not be asked.
+    pub state: String,
+    /// Instances in the group now.
+    pub members: usize,
+    /// Records on its topics not yet committed past (high watermark minus committed offset).
+    pub lag: i64,
+    /// The topics it has committed offsets on.
+    pub topics: Vec<String>,
+}
+
+/// The long-running processors' groups (settlement uses a group per run and is not listed).
+pub const GROUPS: [&str; 4] = ["bill-sink", "dlq", "email", "sms"];
+
+/// The state, size and lag of every processor group, asked of the broker (blocking calls,
+/// each with a short timeout; run off the async threads).
+pub async fn groups(common: &CommonArgs) -> Result<Vec<GroupState>, OpsError> {
+    let common = common.clone();
+    tokio::task::spawn_blocking(move || groups_blocking(&common))
+        .await
+        .map_err(|e| OpsError::Stack(e.to_string()))?
+}
+
+fn groups_blocking(common: &CommonArgs) -> Result<Vec<GroupState>, OpsError> {
+    use rdkafka::{
+        Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let timeout = std::time::Duration::from_secs(2);
+    let catalogue = common.catalogue();
+    let topics: Vec<String> = billing_schema::catalogue::ALL
+        .iter()
+        .map(|s| catalogue.name(s))
+        .collect();
+    let mut out = Vec::new();
+    let mut ends = None;
+    for name in GROUPS {
+        let group = format!("{}{name}", common.topic_prefix);
+        let consumer: BaseConsumer = common.kafka().consumer_config(&group).create()?;
+        let ends = match &ends {
+            Some(e) => e,
+            None => ends.insert(billing_runtime::consumer::end_offsets(&consumer, &topics)?),
+        };
+        let (state, members) = match consumer.fetch_group_list(Some(&group), timeout) {
+            Ok(list) => list
+                .groups()
+                .first()
+                .map_or(("unknown".to_string(), 0), |g| {
+                    (g.state().to_string(), g.members().len())
+                }),
+            Err(e) => (format!("cannot ask: {e}"), 0),
+        };
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in ends.keys() {
+            tpl.add_partition(t, *p);
+        }
+        let committed = consumer.committed_offsets(tpl, timeout)?;
+        let mut lag = 0;
+        let mut group_topics = std::collections::BTreeSet::new();
+        for el in committed.elements() {
+            if let Offset::Offset(o) = el.offset()
+                && let Some((_, high)) = ends.get(&(el.topic().to_string(), el.partition()))
+            {
+                lag += (high - o).max(0);
+                group_topics.insert(el.topic().to_string());
+            }
+        }
+        out.push(GroupState {
+            group,
+            state,
+            members,
+            lag,
+            topics: group_topics.into_iter().collect(),
+        });
+    }
+    Ok(out)
+}
