@@ -238,6 +238,7 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn session(role: Role) -> Session {

@@ -119,7 +119,7 @@ fn won(amount: i64) -> String {
     let digits = amount.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -266,7 +266,7 @@ pub async fn overview(State(app): State<App>, s: Session) -> Result<Markup, Fail
     let body = html! {
         // Refreshes itself without script (the policy allows none).
         meta http-equiv="refresh" content="10";
-        p { (won(members)) " members on file. As of " (local(&app, Utc::now())) " (" (app.common.billing_tz.name()) "), refreshed every 10 s." }
+        p { (won(members)) " members on file. As of " (local(&app, app.common.clock.now())) " (" (app.common.billing_tz.name()) "), refreshed every 10 s." }
         table {
             thead { tr { th { "Month" } th { "Bills" } th { "Final amounts (won)" } th { "Dispatched" }
                          th { "Sent by email" } th { "Sent by SMS" } th { "Failed, retrying" } th { "Dead" } th { "Pending" } } }

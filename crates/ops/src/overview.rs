@@ -249,7 +249,7 @@ fn groups_blocking(common: &CommonArgs) -> Result<Vec<GroupState>, OpsError> {
             Ok(list) => list
                 .groups()
                 .first()
-                .map_or(("unknown".to_string(), 0), |g| {
+                .map_or(("no such group".to_string(), 0), |g| {
                     (g.state().to_string(), g.members().len())
                 }),
             Err(e) => (format!("cannot ask: {e}"), 0),
