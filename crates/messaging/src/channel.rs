@@ -60,6 +60,18 @@ pub fn idempotency_key(channel: &str, bill_id: i64) -> String {
     format!("{channel}-{bill_id}")
 }
 
+/// Spreads the retries of bills that failed together (a provider outage) over the last
+/// quarter of their backoff, so they do not all come back at once. A fixed function of the
+/// bill and the attempt (a replay waits the same), and never longer than the backoff (the
+/// retry topic holds a record at most that long).
+pub fn jittered(delay: Duration, bill_id: i64, attempt: usize) -> Duration {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    (bill_id, attempt).hash(&mut h);
+    let share = f64::from(u32::try_from(h.finish() % 1000).unwrap_or(0)) / 1000.0;
+    delay.saturating_sub((delay / 4).mul_f64(share))
+}
+
 /// What giving up on a channel did besides its own outcome: other delivery state to record
 /// (e.g. SMS `queued`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,7 +494,11 @@ impl<C: Channel> ChannelHandler<C> {
         let (topic, encoder) = self.retries.get(n).ok_or_else(|| {
             HandleError::Final(format!("no retry topic for attempt {}", env.attempt + 1))
         })?;
-        let delay = self.config.backoff.delay(u32::try_from(n).unwrap_or(0));
+        let delay = jittered(
+            self.config.backoff.delay(u32::try_from(n).unwrap_or(0)),
+            env.bill_id,
+            n,
+        );
         let due =
             Utc::now().timestamp_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
         let due = due.to_string();
@@ -670,25 +686,22 @@ impl ChannelConfig {
     }
 }
 
-/// A channel binary after parsing its flags: migrations, the pool, the simulated gateway
-/// (handed to `make` to build the channel), metrics and health on `METRICS_ADDR`, then
+/// A channel binary after parsing its flags: migrations, the pool, the channel (`make` builds
+/// it, with its configured gateway, from the pool), metrics and health on `METRICS_ADDR`, then
 /// [`run`] until SIGTERM.
 pub async fn serve<C, F, Fut>(
     common: &CommonArgs,
     config: ChannelConfig,
-    gateway: &crate::SimulationArgs,
     make: F,
 ) -> Result<ChannelSummary, MessagingError>
 where
     C: Channel,
-    F: FnOnce(crate::SimulatedGateway) -> Fut,
+    F: FnOnce(PgPool) -> Fut,
     Fut: Future<Output = Result<C, MessagingError>>,
 {
     billing_db::migrate(&common.database_url).await?;
     let pool = billing_db::pool(&common.database_url, config.pool_size)?;
-    let gateway = crate::SimulatedGateway::new(C::NAME, gateway, Some(pool.clone()))
-        .map_err(MessagingError::Config)?;
-    let channel = make(gateway).await?;
+    let channel = make(pool.clone()).await?;
     let deps = ChannelDeps {
         pool,
         stats: Arc::new(ChannelStats::registered(C::NAME)),
@@ -783,6 +796,16 @@ mod tests {
         assert_eq!(decide(&s, 0, SRC), Unclaimed::Busy);
         s.expired = true;
         assert_eq!(decide(&s, 0, SRC), Unclaimed::Hold);
+    }
+
+    #[test]
+    fn retries_are_spread_over_the_last_quarter_of_their_backoff() {
+        let d = Duration::from_secs(8);
+        let delays: std::collections::HashSet<Duration> =
+            (0..50).map(|b| jittered(d, b, 1)).collect();
+        assert!(delays.iter().all(|j| *j <= d && *j >= d * 3 / 4));
+        assert!(delays.len() > 40, "bills spread: {}", delays.len());
+        assert_eq!(jittered(d, 7, 1), jittered(d, 7, 1));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //!   (look-up, forbidden hours, render, send, retry topics with backoff, give up).
 //! - [`gateway`]: the gateway traits ([`MailGateway`], [`SmsGateway`]) and the simulated
 //!   provider (latency, failure rate, seed, idempotency keys, undeliverable addresses).
+//! - [`providers`]: the real providers (SMTP with lettre, an HTTP SMS API), chosen by
+//!   configuration, and the one function per channel that builds the configured gateway.
+//! - [`guard`]: a rate limit and a circuit breaker around any gateway.
 //! - [`template`]: placeholders, validation at activation, maud rendering (escaped).
 //! - [`store`]: bills looked up in batches, delivery state written in batches, templates and
 //!   quiet hours.
@@ -14,7 +17,9 @@
 pub mod batch;
 pub mod channel;
 pub mod gateway;
+pub mod guard;
 pub mod hours;
+pub mod providers;
 pub mod store;
 pub mod template;
 

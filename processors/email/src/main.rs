@@ -1,6 +1,10 @@
 //! `email`: the email delivery channel. See the crate docs.
 
-use billing_messaging::{ChannelConfig, SimulationArgs};
+use billing_messaging::{
+    ChannelConfig, MessagingError, SimulationArgs,
+    guard::GuardArgs,
+    providers::{EmailProviderArgs, mail_gateway},
+};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
@@ -9,7 +13,11 @@ struct Cli {
     #[command(flatten)]
     common: billing_runtime::CommonArgs,
     #[command(flatten)]
+    provider: EmailProviderArgs,
+    #[command(flatten)]
     gateway: SimulationArgs,
+    #[command(flatten)]
+    guard: GuardArgs,
     /// Sends in flight at once (the gateway's latency is hidden by concurrency).
     #[arg(long, env = "EMAIL_MAX_IN_FLIGHT", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
     max_in_flight: u64,
@@ -31,8 +39,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = ChannelConfig::from_flags(cli.max_in_flight, cli.attempts, cli.backoff_ms);
     config.claim_lease = std::time::Duration::from_millis(cli.claim_lease_ms);
-    billing_messaging::channel::serve(&cli.common, config, &cli.gateway, |gateway| {
-        billing_email::EmailChannel::new(&cli.common, gateway)
+    // A send waiting on an open circuit breaker must still own its claim: it waits at most
+    // half the lease.
+    let mut cli = cli;
+    cli.guard.max_hold_ms = cli.guard.max_hold_ms.min(cli.claim_lease_ms / 2);
+    let cli = &cli;
+    billing_messaging::channel::serve(&cli.common, config, |pool| async move {
+        let gateway = mail_gateway(&cli.provider, &cli.gateway, &cli.guard, pool)
+            .map_err(MessagingError::Config)?;
+        billing_email::EmailChannel::new(&cli.common, gateway).await
     })
     .await?;
     Ok(())
