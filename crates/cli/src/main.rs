@@ -533,6 +533,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     stage,
                     include_replayed: all,
                     limit,
+                    ..Default::default()
                 };
                 let letters = billing_ops::dlq::list(&common, &filter).await?;
                 println!(

@@ -698,6 +698,20 @@ pub async fn template_activate(
 pub struct LetterQuery {
     stage: Option<String>,
     all: Option<String>,
+    /// `YYYY-MM-DDTHH:MM` in BILLING_TZ (a `datetime-local` field).
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// A `datetime-local` value read in the business time zone; empty or malformed is no bound.
+fn local_instant(app: &App, v: Option<&str>) -> Option<DateTime<Utc>> {
+    let naive = NaiveDateTime::parse_from_str(v?.trim(), "%Y-%m-%dT%H:%M").ok()?;
+    let local = app
+        .common
+        .billing_tz
+        .from_local_datetime(&naive)
+        .earliest()?;
+    Some(local.with_timezone(&Utc))
 }
 
 async fn letters_view(
@@ -709,6 +723,8 @@ async fn letters_view(
     let filter = dlq::Filter {
         stage: q.stage.clone().filter(|st| !st.is_empty()),
         include_replayed: q.all.is_some(),
+        since: local_instant(app, q.since.as_deref()),
+        until: local_instant(app, q.until.as_deref()),
         limit: 200,
     };
     let letters = dlq::list(&app.common, &filter).await?;
@@ -716,6 +732,8 @@ async fn letters_view(
         (notice(n.as_ref()))
         form method="get" action="/dead-letters" {
             label { "Stage " input name="stage" value=(filter.stage.as_deref().unwrap_or("")); }
+            label { "From (" (app.common.billing_tz.name()) ") " input name="since" type="datetime-local" value=(q.since.as_deref().unwrap_or("")); }
+            label { "Before " input name="until" type="datetime-local" value=(q.until.as_deref().unwrap_or("")); }
             label { input type="checkbox" name="all" value="1" checked[filter.include_replayed]; " replayed too" }
             button type="submit" { "Filter" }
         }
@@ -814,6 +832,8 @@ pub async fn letters_replay(
     let q = LetterQuery {
         stage: None,
         all: None,
+        since: None,
+        until: None,
     };
     letters_view(&app, &s, &q, Some(n)).await
 }

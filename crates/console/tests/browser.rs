@@ -304,6 +304,53 @@ async fn an_operator_runs_the_month_from_the_browser_and_a_viewer_cannot_change_
     assert!(p.text(".notice").await.contains("Replayed 1"));
     assert_eq!(env.record_count(&usage).await, before + 1);
 
+    // Filtered by stage and time, the letter is there; before it was recorded, it is not
+    p.open("/dead-letters?stage=settlement&all=1&since=2026-01-01T00:00")
+        .await;
+    assert!(
+        p.text("main table")
+            .await
+            .contains("usage for an unknown product")
+    );
+    p.open("/dead-letters?stage=settlement&all=1&until=2026-01-01T00:00")
+        .await;
+    assert!(
+        !p.text("main table")
+            .await
+            .contains("usage for an unknown product")
+    );
+
+    // A reservation is added, listed and cancelled
+    p.open("/reservations").await;
+    p.fill("input[name=fire_at]", "").await;
+    b.execute(
+        "document.querySelector('input[name=fire_at]').value = '2027-01-05T09:30';",
+        vec![],
+    )
+    .await
+    .unwrap();
+    p.fill("input[name=month]", "2026-11").await;
+    p.fill("input[name=members]", "1, 2").await;
+    p.submit("form[action='/reservations'] button").await;
+    let notice = p.text(".notice").await;
+    assert!(notice.contains("fires at 2027-01-05 09:30:00"), "{notice}");
+    p.shot("reservations").await;
+    assert_eq!(
+        billing_ops::dispatch::reservations(&common, false)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    p.submit("form[action$='/cancel'] button").await;
+    assert!(p.text(".notice").await.contains("cancelled"));
+    assert!(
+        billing_ops::dispatch::reservations(&common, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     // The member page answers "did member 1 get their bill?"
     p.open("/members").await;
     p.fill("input[name=id]", "1").await;

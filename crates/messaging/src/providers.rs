@@ -41,6 +41,10 @@ pub struct EmailProviderArgs {
         default_value = "Billing <billing@localhost>"
     )]
     pub from: String,
+    /// SMTP connections open at once (each carries one message at a time); sends beyond them
+    /// wait for one.
+    #[arg(long = "email-smtp-connections", env = "EMAIL_SMTP_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub smtp_connections: u32,
 }
 
 /// Which SMS provider.
@@ -124,7 +128,11 @@ pub fn mail_gateway(
                 .as_deref()
                 .ok_or("EMAIL_GATEWAY=smtp needs EMAIL_SMTP_URL")?;
             (
-                MailProvider::Smtp(SmtpGateway::new(url, &provider.from)?),
+                MailProvider::Smtp(SmtpGateway::new(
+                    url,
+                    &provider.from,
+                    provider.smtp_connections,
+                )?),
                 REAL_BREAKER,
             )
         }
@@ -173,6 +181,10 @@ pub fn sms_gateway(
 #[derive(Clone)]
 pub struct SmtpGateway {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// One permit per connection: lettre's pool opens a new connection whenever none is idle,
+    /// so thousands of sends in flight would open thousands of sockets (seen: the process ran
+    /// out of file descriptors at 20,000 in flight).
+    connections: std::sync::Arc<tokio::sync::Semaphore>,
     from: Mailbox,
     domain: String,
 }
@@ -187,18 +199,23 @@ impl std::fmt::Debug for SmtpGateway {
 }
 
 impl SmtpGateway {
-    /// A gateway to the server at `url` (lettre's URL form), sending as `from`.
-    pub fn new(url: &str, from: &str) -> Result<Self, String> {
+    /// A gateway to the server at `url` (lettre's URL form), sending as `from` over at most
+    /// `connections` connections.
+    pub fn new(url: &str, from: &str, connections: u32) -> Result<Self, String> {
+        let pool = lettre::transport::smtp::PoolConfig::new().max_size(connections);
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(|e| format!("EMAIL_SMTP_URL: {e}"))?
             .timeout(Some(Duration::from_secs(30)))
+            .pool_config(pool)
             .build();
         let from: Mailbox = from
             .parse()
             .map_err(|e| format!("EMAIL_FROM {from:?}: {e}"))?;
         let domain = from.email.domain().to_string();
+        let permits = usize::try_from(connections).unwrap_or(1);
         Ok(SmtpGateway {
             transport,
+            connections: std::sync::Arc::new(tokio::sync::Semaphore::new(permits)),
             from,
             domain,
         })
@@ -283,6 +300,11 @@ impl MailGateway for SmtpGateway {
     /// 4xx and connection failures are transient, 5xx permanent.
     async fn send(&self, mail: &Mail) -> Result<(), SendError> {
         let message = self.message(mail)?;
+        let _connection = self
+            .connections
+            .acquire()
+            .await
+            .map_err(|e| SendError::Transient(format!("smtp: {e}")))?;
         match self.transport.send(message).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(SendError::Permanent(format!("smtp: {e}"))),

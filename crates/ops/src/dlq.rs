@@ -40,6 +40,10 @@ pub struct Filter {
     pub stage: Option<String>,
     /// Replayed ones too.
     pub include_replayed: bool,
+    /// Only letters recorded at or after this instant.
+    pub since: Option<DateTime<Utc>>,
+    /// Only letters recorded before this instant.
+    pub until: Option<DateTime<Utc>>,
     pub limit: i64,
 }
 
@@ -56,6 +60,12 @@ pub async fn list(common: &CommonArgs, filter: &Filter) -> Result<Vec<Letter>, O
     }
     if !filter.include_replayed {
         q = q.filter(dead_letter::replayed_at.is_null());
+    }
+    if let Some(t) = filter.since {
+        q = q.filter(dead_letter::created_at.ge(t));
+    }
+    if let Some(t) = filter.until {
+        q = q.filter(dead_letter::created_at.lt(t));
     }
     Ok(q.load(&mut conn).await?)
 }

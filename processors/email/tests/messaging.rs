@@ -252,6 +252,7 @@ async fn every_bill_ends_sent_by_email_or_sms_or_dead_once() {
             stage: Some("undeliverable".into()),
             include_replayed: true,
             limit: 10,
+            ..Default::default()
         },
     )
     .await

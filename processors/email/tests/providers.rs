@@ -123,7 +123,7 @@ async fn bills_go_out_through_a_real_smtp_server() {
     bills(&common, &[1, 2, 3], &[(2, hostile)], &[]).await;
     let server = smtp_server().await;
     let url = format!("smtp://127.0.0.1:{}", server.port);
-    let smtp = SmtpGateway::new(&url, "Billing <bills@telco.example>").unwrap();
+    let smtp = SmtpGateway::new(&url, "Billing <bills@telco.example>", 4).unwrap();
 
     // When the email channel sends them through the SMTP gateway
     request(&common, &env, &[bill_id(1), bill_id(2), bill_id(3)]).await;
@@ -239,6 +239,27 @@ impl MailGateway for Outage {
     }
 }
 
+/// Bills whose email addresses are undeliverable (`.invalid`): they go straight to SMS.
+async fn bills_for_sms(common: &billing_runtime::CommonArgs, members: &[i64]) {
+    let emails: Vec<(i64, String)> = members
+        .iter()
+        .map(|&m| (m, format!("m{m}@bounce.invalid")))
+        .collect();
+    let emails: Vec<(i64, &str)> = emails.iter().map(|(m, e)| (*m, e.as_str())).collect();
+    bills(common, members, &[], &emails).await;
+}
+
+/// The simulated email provider, quick and without random failures (it refuses `.invalid`).
+fn undeliverable_email() -> billing_messaging::SimulatedGateway {
+    let args = billing_messaging::SimulationArgs {
+        latency_ms: 1,
+        failure_rate: 0.0,
+        seed: 1,
+        mailbox: "memory".into(),
+    };
+    billing_messaging::SimulatedGateway::new("email", &args, None).unwrap()
+}
+
 fn guard(rate: f64) -> GuardArgs {
     GuardArgs {
         rate,
@@ -253,29 +274,14 @@ async fn sms_go_out_through_an_http_provider_and_an_outage_costs_no_attempt() {
     // Given bills whose email is undeliverable, and an SMS provider down for the first 2 s
     let (env, common) = setup().await;
     let members: Vec<i64> = (1..=20).collect();
-    let emails: Vec<(i64, String)> = members
-        .iter()
-        .map(|&m| (m, format!("m{m}@bounce.invalid")))
-        .collect();
-    let emails: Vec<(i64, &str)> = emails.iter().map(|(m, e)| (*m, e.as_str())).collect();
-    bills(&common, &members, &[], &emails).await;
+    bills_for_sms(&common, &members).await;
     let state = Shared::default();
     state.lock().unwrap().down_until = Some(Instant::now() + Duration::from_secs(2));
     state.lock().unwrap().invalid.push(phone(7));
     let url = sms_provider(state.clone()).await;
     let http = HttpSmsGateway::new(&url, "s3cret".into()).unwrap();
     let sms = Guarded::new(http, "sms", &guard(0.0), 0);
-    let mail = billing_messaging::SimulatedGateway::new(
-        "email",
-        &billing_messaging::SimulationArgs {
-            latency_ms: 1,
-            failure_rate: 0.0,
-            seed: 1,
-            mailbox: "memory".into(),
-        },
-        None,
-    )
-    .unwrap();
+    let mail = undeliverable_email();
 
     // When the bills are requested: email gives up at once, SMS meets the outage
     let ids: Vec<i64> = members.iter().map(|&m| bill_id(m)).collect();
@@ -350,12 +356,7 @@ async fn the_rate_limit_holds_as_the_provider_measures_it() {
     // Given 60 bills for SMS and a limit of 20 messages a second
     let (env, common) = setup().await;
     let members: Vec<i64> = (1..=60).collect();
-    let emails: Vec<(i64, String)> = members
-        .iter()
-        .map(|&m| (m, format!("m{m}@bounce.invalid")))
-        .collect();
-    let emails: Vec<(i64, &str)> = emails.iter().map(|(m, e)| (*m, e.as_str())).collect();
-    bills(&common, &members, &[], &emails).await;
+    bills_for_sms(&common, &members).await;
     let state = Shared::default();
     let url = sms_provider(state.clone()).await;
     let sms = Guarded::new(
@@ -364,17 +365,7 @@ async fn the_rate_limit_holds_as_the_provider_measures_it() {
         &guard(20.0),
         0,
     );
-    let mail = billing_messaging::SimulatedGateway::new(
-        "email",
-        &billing_messaging::SimulationArgs {
-            latency_ms: 1,
-            failure_rate: 0.0,
-            seed: 1,
-            mailbox: "memory".into(),
-        },
-        None,
-    )
-    .unwrap();
+    let mail = undeliverable_email();
     let ids: Vec<i64> = members.iter().map(|&m| bill_id(m)).collect();
     request(&common, &env, &ids).await;
     let (s, tasks) = start(&common, mail, sms, &config(3, 200)).await;
