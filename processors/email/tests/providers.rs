@@ -171,6 +171,9 @@ struct Provider {
     accepted: Vec<(Instant, String, String, String)>,
     /// Requests answered 503 (the outage).
     refused: u64,
+    /// An outage of this long, starting at the first request (whenever the test's machine
+    /// gets there).
+    outage: Option<Duration>,
     down_until: Option<Instant>,
     /// Numbers the provider refuses for good (400).
     invalid: Vec<String>,
@@ -184,6 +187,9 @@ async fn provider_accepts(
     Json(body): Json<serde_json::Value>,
 ) -> StatusCode {
     let mut p = p.lock().unwrap();
+    if let Some(outage) = p.outage.take() {
+        p.down_until = Some(Instant::now() + outage);
+    }
     if p.down_until.is_some_and(|t| Instant::now() < t) {
         p.refused += 1;
         return StatusCode::SERVICE_UNAVAILABLE;
@@ -219,10 +225,10 @@ async fn sms_provider(state: Shared) -> String {
     url
 }
 
-/// An email provider that fails every send transiently until `until`.
+/// An email provider that fails every send transiently for 2 s from its first send.
 #[derive(Debug, Clone)]
 struct Outage {
-    until: Instant,
+    until: Arc<Mutex<Option<Instant>>>,
     sent: Arc<Mutex<Vec<String>>>,
     refused: Arc<Mutex<u64>>,
 }
@@ -230,7 +236,12 @@ struct Outage {
 impl MailGateway for Outage {
     async fn send(&self, mail: &Mail) -> Result<(), SendError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        if Instant::now() < self.until {
+        let until = *self
+            .until
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| Instant::now() + Duration::from_secs(2));
+        if Instant::now() < until {
             *self.refused.lock().unwrap() += 1;
             return Err(SendError::Transient("421 service not available".into()));
         }
@@ -260,13 +271,21 @@ fn undeliverable_email() -> billing_messaging::SimulatedGateway {
     billing_messaging::SimulatedGateway::new("email", &args, None).unwrap()
 }
 
+/// Sends may wait on the breaker up to 10 s (a loaded CI machine is slow to probe), under a
+/// claim lease of 30 s.
 fn guard(rate: f64) -> GuardArgs {
     GuardArgs {
         rate,
         breaker_failures: Some(3),
         open_ms: 300,
-        max_hold_ms: 4_000,
+        max_hold_ms: 10_000,
     }
+}
+
+fn patient() -> billing_messaging::ChannelConfig {
+    let mut c = config(3, 200);
+    c.claim_lease = Duration::from_secs(30);
+    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,7 +295,7 @@ async fn sms_go_out_through_an_http_provider_and_an_outage_costs_no_attempt() {
     let members: Vec<i64> = (1..=20).collect();
     bills_for_sms(&common, &members).await;
     let state = Shared::default();
-    state.lock().unwrap().down_until = Some(Instant::now() + Duration::from_secs(2));
+    state.lock().unwrap().outage = Some(Duration::from_secs(2));
     state.lock().unwrap().invalid.push(phone(7));
     let url = sms_provider(state.clone()).await;
     let http = HttpSmsGateway::new(&url, "s3cret".into()).unwrap();
@@ -286,7 +305,7 @@ async fn sms_go_out_through_an_http_provider_and_an_outage_costs_no_attempt() {
     // When the bills are requested: email gives up at once, SMS meets the outage
     let ids: Vec<i64> = members.iter().map(|&m| bill_id(m)).collect();
     request(&common, &env, &ids).await;
-    let (s, tasks) = start(&common, mail, sms, &config(3, 200)).await;
+    let (s, tasks) = start(&common, mail, sms, &patient()).await;
     let db = common.database_url.clone();
     let done = "select count(*)::bigint as n from delivery where channel = 'sms' and status in ('sent', 'dead')";
     wait_for(&db, done, 20, Duration::from_secs(60)).await;
@@ -326,7 +345,7 @@ async fn an_email_outage_of_a_few_seconds_costs_no_attempt_and_no_sms_fallback()
     let members: Vec<i64> = (1..=30).collect();
     bills(&common, &members, &[], &[]).await;
     let outage = Outage {
-        until: Instant::now() + Duration::from_secs(2),
+        until: Arc::default(),
         sent: Arc::default(),
         refused: Arc::default(),
     };
@@ -334,7 +353,7 @@ async fn an_email_outage_of_a_few_seconds_costs_no_attempt_and_no_sms_fallback()
     let sms = Accepting::default();
     let ids: Vec<i64> = members.iter().map(|&m| bill_id(m)).collect();
     request(&common, &env, &ids).await;
-    let (s, tasks) = start(&common, mail, sms.clone(), &config(3, 200)).await;
+    let (s, tasks) = start(&common, mail, sms.clone(), &patient()).await;
     let db = common.database_url.clone();
     let sent =
         "select count(*)::bigint as n from delivery where channel = 'email' and status = 'sent'";
@@ -368,7 +387,7 @@ async fn the_rate_limit_holds_as_the_provider_measures_it() {
     let mail = undeliverable_email();
     let ids: Vec<i64> = members.iter().map(|&m| bill_id(m)).collect();
     request(&common, &env, &ids).await;
-    let (s, tasks) = start(&common, mail, sms, &config(3, 200)).await;
+    let (s, tasks) = start(&common, mail, sms, &patient()).await;
     let db = common.database_url.clone();
     let sent =
         "select count(*)::bigint as n from delivery where channel = 'sms' and status = 'sent'";
