@@ -339,14 +339,17 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
                     log_dir.display()
                 )));
             }
-            // A processor that exits early fails the demo (the others are killed on drop).
-            for (name, child) in &mut children {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(OpsError::Stack(format!(
-                        "{name} exited ({status}); its log: {}",
-                        log_dir.join(format!("{name}.log")).display()
-                    )));
-                }
+            // A processor that exits early fails the demo (the others are stopped below). The
+            // console is not a processor: if it cannot run (its port taken), the month goes on.
+            let exited = children.iter_mut().find_map(|(name, child)| {
+                let status = child.try_wait().ok().flatten()?;
+                (*name != "console").then_some((*name, status))
+            });
+            if let Some((name, status)) = exited {
+                break Err(OpsError::Stack(format!(
+                    "{name} exited ({status}); its log: {}",
+                    log_dir.join(format!("{name}.log")).display()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
