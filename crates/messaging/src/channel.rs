@@ -686,6 +686,51 @@ impl ChannelConfig {
     }
 }
 
+/// Declares a channel binary's flags, `$prefix` naming their variables (`EMAIL` gives
+/// `EMAIL_MAX_IN_FLIGHT`, `EMAIL_ATTEMPTS`, `EMAIL_BACKOFF_MS`, `EMAIL_CLAIM_LEASE_MS`), with
+/// `config` turning them into a [`ChannelConfig`]. One declaration for every channel.
+#[macro_export]
+macro_rules! channel_flags {
+    ($name:ident, $prefix:literal) => {
+        /// The channel's own flags.
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct $name {
+            /// Sends in flight at once (the gateway's latency is hidden by concurrency).
+            #[arg(long, env = concat!($prefix, "_MAX_IN_FLIGHT"), default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
+            pub max_in_flight: u64,
+            /// Attempts on this channel, the first included (2 to 5).
+            #[arg(long, env = concat!($prefix, "_ATTEMPTS"), default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=5))]
+            pub attempts: u32,
+            /// Delay before the first retry, in milliseconds; it doubles with each retry.
+            #[arg(long, env = concat!($prefix, "_BACKOFF_MS"), default_value_t = 1000)]
+            pub backoff_ms: u64,
+            /// How long a claim on a delivery lasts, in milliseconds: longer than any provider
+            /// call. A delivery whose sender died is taken over (or held for an operator)
+            /// after it.
+            #[arg(long, env = concat!($prefix, "_CLAIM_LEASE_MS"), default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+            pub claim_lease_ms: u64,
+        }
+
+        impl $name {
+            /// The channel's configuration. A send waiting on an open circuit breaker must
+            /// still own its claim, so `guard`'s longest hold is clamped to half the lease.
+            pub fn config(
+                &self,
+                guard: &mut $crate::guard::GuardArgs,
+            ) -> $crate::channel::ChannelConfig {
+                let mut config = $crate::channel::ChannelConfig::from_flags(
+                    self.max_in_flight,
+                    self.attempts,
+                    self.backoff_ms,
+                );
+                config.claim_lease = std::time::Duration::from_millis(self.claim_lease_ms);
+                guard.max_hold_ms = guard.max_hold_ms.min(self.claim_lease_ms / 2);
+                config
+            }
+        }
+    };
+}
+
 /// A channel binary after parsing its flags: migrations, the pool, the channel (`make` builds
 /// it, with its configured gateway, from the pool), metrics and health on `METRICS_ADDR`, then
 /// [`run`] until SIGTERM.

@@ -11,6 +11,8 @@
 //!   shutdown.
 //! - [`batch`]: the loop's batch mode, for a sink that writes batches in transactions with
 //!   their offsets (the bill sink), several partitions' lanes at once.
+//! - [`tasks`]: the loop's task mode, for a bounded join over co-partitioned snapshots: one
+//!   task per assigned partition, done when committed at its snapshot end (settlement).
 //! - [`metrics`]: Prometheus metrics and the health endpoint.
 //! - [`quarantine`]: where records go that cannot be processed: the dead-letter topic.
 //! - [`admin`]: topic creation from the catalogue.
@@ -30,6 +32,7 @@ pub mod producer;
 pub mod quarantine;
 pub mod shutdown;
 pub mod snapshot;
+pub mod tasks;
 pub mod telemetry;
 
 pub use clock::Clock;

@@ -4,11 +4,13 @@
 //! partition, read whole by every instance); produces one `Bill` per member to `bills`, keyed
 //! by member id, and quarantines bad input to `dead-letters`.
 //!
-//! How a run works, like a Kafka Streams task per partition over a bounded input:
+//! How a run works, on the runtime's task mode ([`billing_runtime::tasks`]), like a Kafka
+//! Streams task per partition over a bounded input:
 //! - At start it captures the end offsets of its inputs: the run settles exactly that
 //!   snapshot, and stops when it is consumed.
 //! - Instances of one run share the group `settlement.<month>.<run id>`, subscribed to
-//!   `members` only to split the partitions; those partitions stay paused there.
+//!   `members` only to split the partitions; those partitions stay paused there. A task whose
+//!   partition is revoked is aborted and redone by the new owner.
 //! - For each partition p it owns, a task reads `members[p]` to its end, then
 //!   `usage-records[p]` to its end, aggregating the month's usage per member, computes every
 //!   member's bill (billing_domain::rules) and produces it. Once every bill of p is
@@ -42,28 +44,21 @@ use billing_domain::{
 };
 use billing_runtime::{
     CommonArgs, Processor, ProduceError, Producer, Quarantine,
-    consumer::end_offsets,
     producer::Pending,
     quarantine::Origin,
     snapshot::{self, PartitionReader},
+    tasks::{TaskConfig, TaskError, run_tasks},
 };
 use billing_schema::{
     Bill, CodecError, Decoder, Encoder, Member, Product, UsageRecord,
     catalogue::{BILLS, MEMBERS, PRODUCTS, USAGE_RECORDS},
 };
 use chrono::NaiveTime;
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer, StreamConsumer},
-    error::KafkaError,
-    message::BorrowedMessage,
-};
-use tokio::{sync::Semaphore, task::JoinSet};
+use rdkafka::{Message, error::KafkaError, message::BorrowedMessage};
 use tracing::{info, warn};
 
 /// The processor's name: its stage on dead letters and the root of its group ids.
 pub const NAME: &str = "settlement";
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// Bills produced before their acknowledgements are awaited.
 const IN_FLIGHT_BILLS: usize = 10_000;
 
@@ -633,12 +628,9 @@ pub async fn run(
 
     let members_topic = catalogue.name(&MEMBERS.spec);
     let usage_topic = catalogue.name(&USAGE_RECORDS.spec);
-    let mut gc = common.kafka().consumer_config(&group);
-    gc.set("enable.auto.commit", "false");
-    let coordinator: Arc<StreamConsumer> = Arc::new(gc.create()?);
-    coordinator.subscribe(&[members_topic.as_str()])?;
-    let ends = end_offsets(
-        coordinator.as_ref(),
+    let ends = snapshot::capture(
+        &common.kafka(),
+        &group,
         &[members_topic.clone(), usage_topic.clone()],
     )?;
     let (_, month_end) = config.month.bounds(common.billing_tz);
@@ -660,67 +652,24 @@ pub async fn run(
         usage_topic,
         ends: ends.clone(),
     });
-    let partitions: Vec<i32> = {
-        let mut v: Vec<i32> = ends
-            .keys()
-            .filter(|(t, _)| *t == members_topic)
-            .map(|(_, p)| *p)
-            .collect();
-        v.sort_unstable();
-        v
+    let tasks = TaskConfig {
+        group_id: group,
+        topic: members_topic,
+        ends,
+        parallelism: config.parallelism,
     };
-    let permits = Arc::new(Semaphore::new(config.parallelism.max(1)));
-    let mut tasks: JoinSet<(i32, Result<Summary, SettlementError>)> = JoinSet::new();
-    let mut started_parts: HashSet<i32> = HashSet::new();
+    let settle = |partition| settle_partition(ctx.clone(), partition);
+    let outputs = run_tasks(&common.kafka(), tasks, settle, shutdown)
+        .await
+        .map_err(|e| match e {
+            TaskError::Kafka(e) => SettlementError::Kafka(e),
+            TaskError::Task { error, .. } => error,
+            TaskError::Panicked(e) => SettlementError::Task(e),
+            TaskError::Interrupted => SettlementError::Interrupted,
+        })?;
     let mut summary = Summary::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tokio::pin!(shutdown);
-
-    loop {
-        tokio::select! {
-            biased;
-            Some(joined) = tasks.join_next() => {
-                let (p, result) = joined.map_err(|e| SettlementError::Task(e.to_string()))?;
-                let part = result?;
-                summary.add(&part);
-                let end = ends.get(&(members_topic.clone(), p)).map_or(0, |e| e.1);
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&members_topic, p, Offset::Offset(end))?;
-                if let Err(e) = coordinator.commit(&tpl, CommitMode::Sync) {
-                    // Revoked meanwhile: its new owner settles it again, to the same bills.
-                    warn!(partition = p, error = %e, "cannot mark partition done");
-                }
-            }
-            () = &mut shutdown => {
-                tasks.abort_all();
-                return Err(SettlementError::Interrupted);
-            }
-            // Polling drives the group protocol; the partitions themselves stay paused.
-            m = coordinator.recv() => if let Err(e) = m { warn!(error = %e, "coordinator error") },
-            _ = tick.tick() => {
-                billing_runtime::metrics::global().beat();
-                if let Ok(assignment) = coordinator.assignment() {
-                    let mut newly = TopicPartitionList::new();
-                    for el in assignment.elements() {
-                        let p = el.partition();
-                        if started_parts.insert(p) {
-                            newly.add_partition(&members_topic, p);
-                            let (ctx, permits) = (ctx.clone(), permits.clone());
-                            tasks.spawn(async move {
-                                let _permit = permits.acquire_owned().await;
-                                (p, settle_partition(ctx, p).await)
-                            });
-                        }
-                    }
-                    if newly.count() > 0 {
-                        let _ = coordinator.pause(&newly);
-                    }
-                }
-                if tasks.is_empty() && all_done(coordinator.as_ref(), &members_topic, &partitions, &ends) {
-                    break;
-                }
-            }
-        }
+    for (_, part) in &outputs {
+        summary.add(part);
     }
     producer.flush(Duration::from_secs(60)).await?;
     summary.elapsed = started.elapsed();
@@ -736,32 +685,6 @@ pub async fn run(
         "settlement complete"
     );
     Ok(summary)
-}
-
-/// Whether every partition of the run is done: empty in the snapshot, or committed at its end.
-fn all_done(
-    consumer: &StreamConsumer,
-    topic: &str,
-    partitions: &[i32],
-    ends: &HashMap<(String, i32), (i64, i64)>,
-) -> bool {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(topic, *p);
-    }
-    let Ok(committed) = consumer.committed_offsets(tpl, TIMEOUT) else {
-        return false;
-    };
-    partitions.iter().all(|p| {
-        let (low, end) = ends
-            .get(&(topic.to_string(), *p))
-            .copied()
-            .unwrap_or((0, 0));
-        end <= low
-            || committed
-                .find_partition(topic, *p)
-                .is_some_and(|e| matches!(e.offset(), Offset::Offset(o) if o >= end))
-    })
 }
 
 /// The binary's entry: one month (`--month`), or every month on the schedule.
