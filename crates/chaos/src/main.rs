@@ -87,6 +87,9 @@ struct Cli {
 const SCHEMA: &str = "chaos";
 const PREFIX: &str = "chaos.";
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();

@@ -753,6 +753,9 @@ fn billing_dispatch_scope(
     }
 }
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 fn main() -> ExitCode {
     billing_runtime::telemetry::init();
     let cli = Cli::parse();

@@ -17,6 +17,9 @@ struct Cli {
     console: ConsoleArgs,
 }
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

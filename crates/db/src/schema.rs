@@ -188,19 +188,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    bill_item_stage (id) {
-        id -> Int8,
-        bill_id -> Int8,
-        kind -> Text,
-        product_id -> Text,
-        description -> Text,
-        quantity -> Int8,
-        amount -> Int8,
-        snapshot -> Jsonb,
-    }
-}
-
-diesel::table! {
     member_stage (id) {
         id -> Int8,
         name -> Text,

@@ -105,6 +105,31 @@ pub async fn reconcile(
         ..ReconcileReport::default()
     };
 
+    // (0) Items whose bill is missing. The bill sink skips the per-row foreign-key check on
+    // `bill_item` (it inserts items only with their bills), so this is checked here, over
+    // the month's range of bill ids (`yyyymm * 10^10 + member id`).
+    let orphans: Vec<BadBill> = diesel::sql_query(
+        "select (i.bill_id - $1) as member_id,
+                format('%s items of bill %s, which does not exist', count(*), i.bill_id) as what
+         from bill_item i
+         where i.bill_id between $1 and $2
+           and not exists (select 1 from bill b where b.id = i.bill_id)
+         group by i.bill_id",
+    )
+    .bind::<BigInt, _>(billing_domain::rules::bill_id(month, 0))
+    .bind::<BigInt, _>(billing_domain::rules::bill_id(
+        month,
+        billing_domain::validate::MAX_MEMBER_ID,
+    ))
+    .load(&mut conn)
+    .await?;
+    report
+        .discrepancies
+        .extend(orphans.into_iter().map(|b| Discrepancy {
+            member_id: b.member_id,
+            what: b.what,
+        }));
+
     // (1) Totals, VAT and the final identity, from the items.
     let bad: Vec<BadBill> = diesel::sql_query(
         "with s as (

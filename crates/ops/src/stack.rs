@@ -252,9 +252,13 @@ fn start_local_postgres(url: &PgUrl) -> Result<(), OpsError> {
         }
     }
     wait_for_local_postgres("local PostgreSQL did not start")?;
+    // The bill sink's writers skip the per-row check of `bill_item`'s foreign key (they insert
+    // items only with their bills): see billing_bill_sink's writer connections.
     let role = format!(
         "do $$ begin if not exists (select from pg_roles where rolname = '{u}') then \
-         create role {u} login password '{p}'; else alter role {u} login password '{p}'; end if; end $$;",
+         create role {u} login password '{p}'; else alter role {u} login password '{p}'; end if; \
+         if current_setting('server_version_num')::int >= 150000 then \
+         execute 'grant set on parameter session_replication_role to {u}'; end if; end $$;",
         u = url.user,
         p = url.password
     );

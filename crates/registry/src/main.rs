@@ -12,6 +12,9 @@ struct Cli {
     config: billing_registry::RegistryConfig,
 }
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();

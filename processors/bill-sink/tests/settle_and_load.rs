@@ -301,4 +301,29 @@ async fn a_month_settles_to_its_rules_and_reruns_replays_and_crashes_change_noth
 
     // Then the restarted sink finished the load to exactly the same rows
     assert_eq!(dump(&crash.database_url).await, rows);
+
+    // And when a bill's row goes missing under its items (the sink's writers skip the per-row
+    // foreign-key check), reconcile names it
+    let mut conn = billing_db::connect(&crash.database_url).await.unwrap();
+    let victim = count(&crash.database_url, "select min(id) as n from bill").await;
+    let member = victim - rules::bill_id(month, 0);
+    diesel::sql_query("set session_replication_role = replica")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    diesel::sql_query(format!("delete from bill where id = {victim}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let reconciled = billing_ops::reconcile::reconcile(&crash, month)
+        .await
+        .unwrap();
+    assert!(
+        reconciled
+            .discrepancies
+            .iter()
+            .any(|d| d.member_id == member && d.what.contains("which does not exist")),
+        "{:?}",
+        reconciled.discrepancies
+    );
 }

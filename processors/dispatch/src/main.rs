@@ -22,6 +22,9 @@ struct Cli {
     poll_ms: u64,
 }
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();

@@ -9,6 +9,9 @@ struct Cli {
     common: billing_runtime::CommonArgs,
 }
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();

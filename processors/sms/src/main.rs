@@ -24,6 +24,9 @@ struct Cli {
     channel: Flags,
 }
 
+#[global_allocator]
+static ALLOCATOR: billing_runtime::MiMalloc = billing_runtime::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     billing_runtime::telemetry::init();
