@@ -3,7 +3,8 @@
 //! A framed value is `0x00`, the writer schema's registry id (4 bytes, big-endian), then the
 //! Avro binary datum. [`Encoder`] registers its schema once and then frames values with no I/O;
 //! [`Decoder`] looks each writer id up once (cached), resolves the writer schema against the
-//! reader's compiled-in schema, and refuses anything that is short, mis-framed, unknown or has
+//! reader's compiled-in schema (or, when they are the same, deserializes straight into the
+//! type with a reader built once per id), and refuses anything that is short, mis-framed, unknown or has
 //! bytes left over: a corrupt record is an error value for the caller to quarantine.
 
 use std::{
@@ -277,9 +278,45 @@ impl<V: AvroRecord> Encoder<V> {
 }
 
 /// A writer schema as the decoder keeps it.
-#[derive(Debug)]
 struct WriterSchema {
-    schema: Schema,
+    /// Leaked once per admitted id and decoder (a few per process: ids registered under the
+    /// decoder's subjects), so that `direct` can borrow it for the life of the cache.
+    schema: &'static Schema,
+    /// When the writer's schema is the reader's (the usual case), a reader built once that
+    /// deserializes straight into the type: no intermediate `Value`, no resolution pass, no
+    /// name table rebuilt per record. Other writers go through resolution.
+    direct: Option<GenericDatumReader<'static>>,
+}
+
+impl WriterSchema {
+    fn new(schema: Schema, reader: &Schema) -> Result<Self, apache_avro::Error> {
+        let schema: &'static Schema = Box::leak(Box::new(schema));
+        let direct = if schema.canonical_form() == reader.canonical_form() {
+            Some(GenericDatumReader::builder(schema).build()?)
+        } else {
+            None
+        };
+        Ok(WriterSchema { schema, direct })
+    }
+
+    fn decode<T: AvroRecord>(&self, id: u32, mut body: &[u8]) -> Result<T, CodecError> {
+        let Some(direct) = &self.direct else {
+            return decode_resolved(id, self.schema, T::schema(), body);
+        };
+        let value: T = direct
+            .read_deser(&mut body)
+            .map_err(|e| CodecError::Malformed {
+                id,
+                reason: e.to_string(),
+            })?;
+        if !body.is_empty() {
+            return Err(CodecError::TrailingBytes {
+                id,
+                extra: body.len(),
+            });
+        }
+        Ok(value)
+    }
 }
 
 /// The most one decoded collection, string or byte array may allocate. Records are at most
@@ -379,7 +416,12 @@ impl<V: AvroRecord> Decoder<V> {
         if let Some(reason) = unsafe_schema(&schema) {
             return Err(CodecError::UnsafeSchema { id, reason });
         }
-        Ok(Arc::new(WriterSchema { schema }))
+        let writer =
+            WriterSchema::new(schema, V::schema()).map_err(|e| CodecError::UnsafeSchema {
+                id,
+                reason: e.to_string(),
+            })?;
+        Ok(Arc::new(writer))
     }
 
     async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
@@ -403,7 +445,7 @@ impl<V: AvroRecord> Decoder<V> {
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<V, CodecError> {
         let (id, body) = split_frame(payload.ok_or(CodecError::Missing)?)?;
         let writer = self.writer(id).await?;
-        decode_resolved(id, &writer.schema, V::schema(), body)
+        writer.decode(id, body)
     }
 }
 
