@@ -30,7 +30,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    bill_item (bill_id, id) {
+    bill_item (id) {
         id -> Int8,
         bill_id -> Int8,
         kind -> Text,
