@@ -83,7 +83,7 @@ pub struct GaveUp {
 /// channel. See docs/channels.md.
 pub trait Channel: Send + Sync + 'static {
     /// The request record on the channel's topics.
-    type Request: AvroRecord + Clone + Send + Sync + 'static;
+    type Request: ChannelRequest;
     /// The name: group id, quarantine stage and `delivery.channel`.
     const NAME: &'static str;
     /// Whether the bill's items are loaded (the email's table needs them, an SMS does not).
@@ -93,12 +93,9 @@ pub trait Channel: Send + Sync + 'static {
     const GAVE_UP: DeliveryStatus;
 
     /// The request topic.
-    fn topic() -> Topic<Self::Request>;
+    const TOPIC: Topic<Self::Request>;
     /// The retry topics, one per retry number.
-    fn retry_topics() -> [Topic<Self::Request>; MAX_RETRIES];
-    fn envelope(request: &Self::Request) -> Envelope;
-    /// The request for the next attempt after `error`.
-    fn next_attempt(request: &Self::Request, error: &str) -> Self::Request;
+    const RETRY_TOPICS: [Topic<Self::Request>; MAX_RETRIES];
     /// Renders with `template` and sends.
     fn deliver(
         &self,
@@ -119,6 +116,39 @@ pub trait Channel: Send + Sync + 'static {
         error: &str,
     ) -> impl Future<Output = Result<GaveUp, String>> + Send;
 }
+
+/// A channel's request record: what every channel reads of it, and its next attempt.
+pub trait ChannelRequest: AvroRecord + Clone + Send + Sync + 'static {
+    fn envelope(&self) -> Envelope;
+    /// The request for the next attempt after `error`.
+    fn next_attempt(&self, error: &str) -> Self;
+}
+
+/// The request records share their delivery fields; one implementation serves them all.
+macro_rules! channel_request {
+    ($($ty:ty),*) => {$(
+        impl ChannelRequest for $ty {
+            fn envelope(&self) -> Envelope {
+                Envelope {
+                    delivery_id: self.delivery_id.clone(),
+                    bill_id: self.bill_id,
+                    member_id: self.member_id,
+                    attempt: self.attempt,
+                }
+            }
+
+            fn next_attempt(&self, error: &str) -> Self {
+                Self {
+                    attempt: self.attempt + 1,
+                    last_error: Some(error.to_string()),
+                    ..self.clone()
+                }
+            }
+        }
+    )*};
+}
+
+channel_request!(billing_schema::EmailRequest, billing_schema::SmsRequest);
 
 /// How a channel processor runs.
 #[derive(Debug, Clone)]
@@ -300,7 +330,7 @@ pub fn decide(state: &ClaimState, attempt: i32, source: &str) -> Unclaimed {
 
 impl<C: Channel> Handler<C::Request> for ChannelHandler<C> {
     async fn handle(&self, record: &Incoming<C::Request>) -> Result<(), HandleError> {
-        let env = C::envelope(&record.value);
+        let env = record.value.envelope();
         let claimed = self
             .in_progress
             .lock()
@@ -502,7 +532,7 @@ impl<C: Channel> ChannelHandler<C> {
         let due =
             Utc::now().timestamp_millis() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
         let due = due.to_string();
-        let next = C::next_attempt(&record.value, error);
+        let next = record.value.next_attempt(error);
         let payload = encoder.encode(&next).map_err(retriable)?;
         let key = env.member_id.to_string();
         let headers = OwnedHeaders::new().insert(Header {
@@ -570,9 +600,9 @@ impl std::fmt::Debug for ChannelDeps {
 pub fn consumed_topics<C: Channel>(common: &CommonArgs, attempts: u32) -> Vec<String> {
     let catalogue = common.catalogue();
     let retries = usize::try_from(attempts.saturating_sub(1)).unwrap_or(0);
-    std::iter::once(catalogue.name(&C::topic().spec))
+    std::iter::once(catalogue.name(&C::TOPIC.spec))
         .chain(
-            C::retry_topics()
+            C::RETRY_TOPICS
                 .iter()
                 .take(retries)
                 .map(|t| catalogue.name(&t.spec)),
@@ -598,7 +628,7 @@ pub async fn run<C: Channel>(
     let p = Processor::connect(common, C::NAME).await?;
     let catalogue = &p.catalogue;
     let mut retries = Vec::new();
-    for t in C::retry_topics()
+    for t in C::RETRY_TOPICS
         .iter()
         .take(usize::try_from(config.attempts - 1).unwrap_or(0))
     {
@@ -607,8 +637,8 @@ pub async fn run<C: Channel>(
     let topics = consumed_topics::<C>(common, config.attempts);
     let take_over = channel.unknown_outcome() == UnknownOutcome::Resend;
     // Requests are read only under the subjects of the topics consumed.
-    let subjects: Vec<String> = std::iter::once(&C::topic().spec)
-        .chain(C::retry_topics().iter().map(|t| &t.spec))
+    let subjects: Vec<String> = std::iter::once(&C::TOPIC.spec)
+        .chain(C::RETRY_TOPICS.iter().map(|t| &t.spec))
         .map(|spec| catalogue.value_subject(spec))
         .collect();
     // Only the retry topics honour `billing.not-before`, each held at most its own delay

@@ -24,8 +24,8 @@ pub mod store;
 pub mod template;
 
 pub use channel::{
-    Channel, ChannelConfig, ChannelDeps, ChannelStats, ChannelSummary, Envelope, GaveUp,
-    MessagingError, run,
+    Channel, ChannelConfig, ChannelDeps, ChannelRequest, ChannelStats, ChannelSummary, Envelope,
+    GaveUp, MessagingError, run,
 };
 pub use gateway::{
     Mail, MailGateway, SendError, SimulatedGateway, SimulationArgs, Sms, SmsGateway, UnknownOutcome,

@@ -8,7 +8,7 @@
 //! Run: `email` (see `email --help`; the gateway simulation is configured by `GATEWAY_*`).
 
 use billing_messaging::{
-    Channel, Envelope, GaveUp, Mail, MailGateway, MessagingError, SendError, UnknownOutcome,
+    Channel, GaveUp, Mail, MailGateway, MessagingError, SendError, UnknownOutcome,
     channel::idempotency_key,
     store::{BillContext, DeliveryStatus, DeliveryUpdate, TemplateRow},
     template::render_email,
@@ -51,31 +51,8 @@ impl<G: MailGateway> Channel for EmailChannel<G> {
     const NAME: &'static str = NAME;
     const GAVE_UP: DeliveryStatus = DeliveryStatus::Failed;
     const NEEDS_ITEMS: bool = true;
-
-    fn topic() -> Topic<EmailRequest> {
-        EMAIL_REQUESTS
-    }
-
-    fn retry_topics() -> [Topic<EmailRequest>; MAX_RETRIES] {
-        EMAIL_RETRIES
-    }
-
-    fn envelope(r: &EmailRequest) -> Envelope {
-        Envelope {
-            delivery_id: r.delivery_id.clone(),
-            bill_id: r.bill_id,
-            member_id: r.member_id,
-            attempt: r.attempt,
-        }
-    }
-
-    fn next_attempt(r: &EmailRequest, error: &str) -> EmailRequest {
-        EmailRequest {
-            attempt: r.attempt + 1,
-            last_error: Some(error.to_string()),
-            ..r.clone()
-        }
-    }
+    const TOPIC: Topic<EmailRequest> = EMAIL_REQUESTS;
+    const RETRY_TOPICS: [Topic<EmailRequest>; MAX_RETRIES] = EMAIL_RETRIES;
 
     async fn deliver(
         &self,

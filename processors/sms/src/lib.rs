@@ -9,7 +9,7 @@
 //! Run: `sms` (see `sms --help`).
 
 use billing_messaging::{
-    Channel, Envelope, GaveUp, MessagingError, SendError, Sms, SmsGateway, UnknownOutcome,
+    Channel, GaveUp, MessagingError, SendError, Sms, SmsGateway, UnknownOutcome,
     channel::idempotency_key,
     store::{BillContext, DeliveryStatus, TemplateRow},
     template::render_sms,
@@ -61,31 +61,8 @@ impl<G: SmsGateway> Channel for SmsChannel<G> {
     const NAME: &'static str = NAME;
     const GAVE_UP: DeliveryStatus = DeliveryStatus::Dead;
     const NEEDS_ITEMS: bool = false;
-
-    fn topic() -> Topic<SmsRequest> {
-        SMS_REQUESTS
-    }
-
-    fn retry_topics() -> [Topic<SmsRequest>; MAX_RETRIES] {
-        SMS_RETRIES
-    }
-
-    fn envelope(r: &SmsRequest) -> Envelope {
-        Envelope {
-            delivery_id: r.delivery_id.clone(),
-            bill_id: r.bill_id,
-            member_id: r.member_id,
-            attempt: r.attempt,
-        }
-    }
-
-    fn next_attempt(r: &SmsRequest, error: &str) -> SmsRequest {
-        SmsRequest {
-            attempt: r.attempt + 1,
-            last_error: Some(error.to_string()),
-            ..r.clone()
-        }
-    }
+    const TOPIC: Topic<SmsRequest> = SMS_REQUESTS;
+    const RETRY_TOPICS: [Topic<SmsRequest>; MAX_RETRIES] = SMS_RETRIES;
 
     async fn deliver(
         &self,
