@@ -53,6 +53,15 @@ struct BadBill {
     what: String,
 }
 
+impl From<BadBill> for Discrepancy {
+    fn from(b: BadBill) -> Self {
+        Discrepancy {
+            member_id: b.member_id,
+            what: b.what,
+        }
+    }
+}
+
 #[derive(Debug, QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
@@ -125,10 +134,7 @@ pub async fn reconcile(
     .await?;
     report
         .discrepancies
-        .extend(orphans.into_iter().map(|b| Discrepancy {
-            member_id: b.member_id,
-            what: b.what,
-        }));
+        .extend(orphans.into_iter().map(Discrepancy::from));
 
     // (1) Totals, VAT and the final identity, from the items.
     let bad: Vec<BadBill> = diesel::sql_query(
@@ -154,10 +160,7 @@ pub async fn reconcile(
     .await?;
     report
         .discrepancies
-        .extend(bad.into_iter().map(|b| Discrepancy {
-            member_id: b.member_id,
-            what: b.what,
-        }));
+        .extend(bad.into_iter().map(Discrepancy::from));
 
     // (2) Each usage item's amount from its own snapshot.
     let items: Vec<UsageItem> = diesel::sql_query(
