@@ -462,16 +462,19 @@ fn write_batch(
         let mut bill_rows: Vec<&NewBill> = Vec::new();
         let mut items: Vec<&NewItem> = Vec::new();
         let mut members: HashMap<i64, Option<&MemberRow>> = HashMap::new();
+        // A second copy of a bill in the batch (a rerun, a redone settlement task) is skipped:
+        // the first one is written, as a copy in a later batch finds the bill already there.
+        let mut bill_ids = std::collections::HashSet::new();
         for e in &fresh {
             match &e.row {
-                Some(Row::Bill(b, its)) => {
+                Some(Row::Bill(b, its)) if bill_ids.insert(b.id) => {
                     bill_rows.push(b);
                     items.extend(its);
                 }
                 Some(Row::Member(id, m)) => {
                     members.insert(*id, m.as_deref());
                 }
-                None => {}
+                Some(Row::Bill(..)) | None => {}
             }
         }
         let offsets = next_offsets(fresh.iter().copied());
@@ -864,6 +867,54 @@ mod tests {
             .first(conn)
             .unwrap();
         (name, next)
+    }
+
+    fn bill_entry_at(topic: &str, offset: i64) -> Entry {
+        let bill = NewBill {
+            id: 2026110000000007,
+            member_id: 7,
+            billing_month: "2026-11".to_string(),
+            total_amount: 1000,
+            discount_amount: 0,
+            vat_amount: 100,
+            final_amount: 1100,
+            settled_at: Utc::now(),
+        };
+        let item = |seq: i64| NewItem {
+            id: bill.id * 100 + seq,
+            bill_id: bill.id,
+            kind: "charge",
+            product_id: format!("p{seq}"),
+            description: "d".to_string(),
+            quantity: 1,
+            amount: 500,
+            snapshot: RawJson::new("{}".to_string()),
+        };
+        let items = vec![item(0), item(1)];
+        Entry {
+            origin: Origin {
+                topic: topic.to_string(),
+                partition: 0,
+                offset,
+            },
+            key: None,
+            payload: None,
+            row: Some(Row::Bill(bill, items)),
+        }
+    }
+
+    /// A settlement task redone after a rebalance (or a rerun) puts the same bill on the topic
+    /// twice, and both copies can fall in one batch: the batch must write the bill and its
+    /// items once, in one transaction, not fail and be split.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bill_twice_in_one_batch_is_written_once() {
+        let env = billing_testkit::TestEnv::new().await;
+        let url = env.database().await;
+        let topic = env.topic(&BILLS.spec);
+        let mut conn = PgConnection::establish(&url).unwrap();
+        let twice = [bill_entry_at(&topic, 0), bill_entry_at(&topic, 1)];
+        let moves = write_batch(&mut conn, "g", &twice).unwrap();
+        assert_eq!((moves.bills, moves.items), (1, 2));
     }
 
     /// Two instances of the sink: one writes a partition up to offset 2; a rebalance hands the
