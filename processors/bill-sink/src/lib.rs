@@ -844,6 +844,10 @@ mod tests {
             plan_id: "P1".to_string(),
             updated_at: Utc::now(),
         };
+        entry_at(topic, offset, Row::Member(7, Some(Box::new(row))))
+    }
+
+    fn entry_at(topic: &str, offset: i64, row: Row) -> Entry {
         Entry {
             origin: Origin {
                 topic: topic.to_string(),
@@ -852,7 +856,7 @@ mod tests {
             },
             key: None,
             payload: None,
-            row: Some(Row::Member(7, Some(Box::new(row)))),
+            row: Some(row),
         }
     }
 
@@ -891,16 +895,7 @@ mod tests {
             snapshot: RawJson::new("{}".to_string()),
         };
         let items = vec![item(0), item(1)];
-        Entry {
-            origin: Origin {
-                topic: topic.to_string(),
-                partition: 0,
-                offset,
-            },
-            key: None,
-            payload: None,
-            row: Some(Row::Bill(bill, items)),
-        }
+        entry_at(topic, offset, Row::Bill(bill, items))
     }
 
     /// A settlement task redone after a rebalance (or a rerun) puts the same bill on the topic
