@@ -73,17 +73,12 @@ pub enum TaskError<E> {
     Interrupted,
 }
 
-/// What a finished task's partition needs: its commit, until it lands or is revoked.
-struct Finished {
-    end: i64,
-}
-
 /// The loop's state for one instance.
 struct Tasks<O, E> {
     set: JoinSet<(i32, Result<O, E>)>,
     running: HashMap<i32, AbortHandle>,
-    /// Finished here, commit not yet accepted.
-    uncommitted: HashMap<i32, Finished>,
+    /// Finished here, commit (at the partition's snapshot end) not yet accepted.
+    uncommitted: HashSet<i32>,
     /// Committed at the end by this instance.
     done: HashSet<i32>,
 }
@@ -111,10 +106,12 @@ where
     let mut t: Tasks<O, E> = Tasks {
         set: JoinSet::new(),
         running: HashMap::new(),
-        uncommitted: HashMap::new(),
+        uncommitted: HashSet::new(),
         done: HashSet::new(),
     };
-    let mut outputs = Vec::new();
+    // One output per partition: a partition finished here, revoked before its commit and
+    // handed back is run again, and only its last run counts.
+    let mut outputs: HashMap<i32, O> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tokio::pin!(shutdown);
     loop {
@@ -129,9 +126,9 @@ where
                 };
                 t.running.remove(&p);
                 let output = result.map_err(|error| TaskError::Task { partition: p, error })?;
-                outputs.push((p, output));
-                t.uncommitted.insert(p, Finished { end: high(&config, p) });
-                commit_finished(&coordinator, &config.topic, &mut t);
+                outputs.insert(p, output);
+                t.uncommitted.insert(p);
+                commit_finished(&coordinator, &config, &mut t);
             }
             () = &mut shutdown => {
                 t.set.abort_all();
@@ -142,9 +139,9 @@ where
             _ = tick.tick() => {
                 crate::metrics::global().beat();
                 follow_assignment(&coordinator, &config, &mut t, &permits, &task)?;
-                commit_finished(&coordinator, &config.topic, &mut t);
+                commit_finished(&coordinator, &config, &mut t);
                 if t.running.is_empty() && t.uncommitted.is_empty() && all_done(&coordinator, &config) {
-                    return Ok(outputs);
+                    return Ok(outputs.into_iter().collect());
                 }
             }
         }
@@ -191,10 +188,10 @@ where
         }
         keep
     });
-    t.uncommitted.retain(|p, _| assigned.contains(p));
+    t.uncommitted.retain(|p| assigned.contains(p));
     let mut newly = TopicPartitionList::new();
     for &p in &assigned {
-        if t.running.contains_key(&p) || t.uncommitted.contains_key(&p) || t.done.contains(&p) {
+        if t.running.contains_key(&p) || t.uncommitted.contains(&p) || t.done.contains(&p) {
             continue;
         }
         newly.add_partition(&config.topic, p);
@@ -217,12 +214,12 @@ where
 }
 
 /// Commits the finished partitions at their ends; a refused commit is tried again next tick.
-fn commit_finished<O, E>(coordinator: &StreamConsumer, topic: &str, t: &mut Tasks<O, E>) {
-    let finished: Vec<(i32, i64)> = t.uncommitted.iter().map(|(p, f)| (*p, f.end)).collect();
-    for (p, end) in finished {
+fn commit_finished<O, E>(coordinator: &StreamConsumer, config: &TaskConfig, t: &mut Tasks<O, E>) {
+    let finished: Vec<i32> = t.uncommitted.iter().copied().collect();
+    for p in finished {
         let mut tpl = TopicPartitionList::new();
         if tpl
-            .add_partition_offset(topic, p, Offset::Offset(end))
+            .add_partition_offset(&config.topic, p, Offset::Offset(high(config, p)))
             .is_err()
         {
             continue;
