@@ -190,6 +190,11 @@ pub struct Broker {
 const LIVENESS: Duration = Duration::from_secs(15);
 
 impl Broker {
+    /// The broker's storage URL.
+    pub fn storage(&self) -> &str {
+        &self.storage
+    }
+
     /// Starts the broker at `listen` on `storage`.
     pub fn start(listen: &str, storage: &str, log_dir: &Path) -> anyhow::Result<Broker> {
         let child = spawn_broker(listen, storage, log_dir)?;

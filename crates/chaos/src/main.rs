@@ -147,6 +147,8 @@ async fn play(
         billing_ops::stack::broker_answers(&common.kafka_brokers)
     })
     .await?;
+    // The broker as `billing stack up` runs it (see `tune_broker_storage`).
+    billing_ops::stack::tune_broker_storage(broker.storage())?;
     billing_ops::topics::ensure(common).await?;
     let options = billing_ops::seed::SeedOptions {
         month: cli.month,
