@@ -117,13 +117,19 @@ where
     loop {
         tokio::select! {
             biased;
-            Some(joined) = t.set.join_next() => {
-                let (p, result) = match joined {
+            Some(joined) = t.set.join_next_with_id() => {
+                let (id, (p, result)) = match joined {
                     Ok(done) => done,
                     // Aborted on revoke: already forgotten.
                     Err(e) if e.is_cancelled() => continue,
                     Err(e) => return Err(TaskError::Panicked(e.to_string())),
                 };
+                // A run that finished as its partition was revoked (and perhaps handed back
+                // and started again) is forgotten like an aborted one: only the partition's
+                // current run counts, and its handle stays tracked.
+                if t.running.get(&p).is_none_or(|current| current.id() != id) {
+                    continue;
+                }
                 t.running.remove(&p);
                 let output = result.map_err(|error| TaskError::Task { partition: p, error })?;
                 outputs.insert(p, output);
