@@ -114,10 +114,11 @@ pub async fn reconcile(
 ) -> Result<ReconcileReport, OpsError> {
     let m = month.to_string();
     let group = format!("{}reconcile-{}", common.topic_prefix, std::process::id());
-    let products = read_products(common, &group).await?;
+    let registry = Registry::new(&common.schema_registry_url)?;
+    let products = read_products(common, &registry, &group).await?;
     let checks = bill_checks(common, month);
     let items = usage_items(common, month, &products);
-    let topic = topic_usage(common, &group, &m, &products);
+    let topic = topic_usage(common, &registry, &group, &m, &products);
     let ((bills, mut discrepancies), items, topic) = futures::try_join!(checks, items, topic)?;
     discrepancies.extend(items.discrepancies);
     discrepancies.extend(compare(items.billed, topic.used, &products));
@@ -216,8 +217,12 @@ impl Products {
     }
 }
 
-async fn read_products(common: &CommonArgs, group: &str) -> Result<Products, OpsError> {
-    let decoder = Decoder::<Product>::new(Registry::new(&common.schema_registry_url)?);
+async fn read_products(
+    common: &CommonArgs,
+    registry: &Registry,
+    group: &str,
+) -> Result<Products, OpsError> {
+    let decoder = Decoder::<Product>::new(registry.clone());
     let mut by_id: HashMap<String, Product> = HashMap::new();
     snapshot::read_topic(
         &common.kafka(),
@@ -362,6 +367,7 @@ struct TopicUsage {
 /// identities at a time, and 16 bytes per (member, product).
 async fn topic_usage(
     common: &CommonArgs,
+    registry: &Registry,
     group: &str,
     month: &str,
     products: &Products,
@@ -379,7 +385,7 @@ async fn topic_usage(
     .into_iter()
     .map(|q| (q.partition, q.offset))
     .collect();
-    let decoder = Decoder::<UsageRecord>::new(Registry::new(&common.schema_registry_url)?);
+    let decoder = Decoder::<UsageRecord>::new(registry.clone());
     let ends = snapshot::capture(&kafka, group, std::slice::from_ref(&topic))?;
     let partitions: Vec<i32> = ends.keys().map(|(_, p)| *p).collect();
     let parts: Vec<(u64, Vec<(u64, i64)>)> = futures::stream::iter(partitions)
