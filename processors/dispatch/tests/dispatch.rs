@@ -206,3 +206,36 @@ async fn dispatch_picks_the_right_bills_at_the_right_time_once() {
         members.iter().map(|(id, _, _)| bill_id(*id)).collect()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_selection_never_rescans_the_outbox_it_is_filling() {
+    // Given an outbox whose statistics say it is empty (analyzed while empty) and a month of
+    // bills, the kind of statistics that made the planner rescan `dispatch` once per bill
+    let env = TestEnv::new().await;
+    let mut common = env.common.clone();
+    common.database_url = env.database().await;
+    let mut conn = billing_db::connect(&common.database_url).await.unwrap();
+    conn.batch_execute(
+        "insert into member
+           select i, 'm' || i, 'm' || i || '@example.kr', '+8210' || lpad(i::text, 8, '0'),
+                  1 + i % 28, null, null, 'plan-5g-slim', now()
+           from generate_series(1, 20000) i;
+         insert into bill (id, member_id, billing_month, total_amount, discount_amount,
+                           vat_amount, final_amount, settled_at)
+           select 202610 * 10000000000 + i, i, '2026-10', 55000, 0, 5500, 60500,
+                  '2026-10-31T15:00:00Z'
+           from generate_series(1, 20000) i;
+         analyze member; analyze bill; analyze dispatch;",
+    )
+    .await
+    .unwrap();
+
+    // When the selection is planned as a pass plans it
+    let plan = billing_dispatch::explain_selection(&common, kst("2026-11-30T10:00:00"))
+        .await
+        .unwrap();
+
+    // Then `dispatch` is read once (hashed or merged), never on the inner side of a nested loop
+    assert!(plan.contains("on dispatch"), "the plan reads dispatch:\n{plan}");
+    assert!(!plan.contains("Nested Loop"), "a nested loop in the selection:\n{plan}");
+}
