@@ -198,7 +198,10 @@ fn selection() -> String {
 /// The plan of a pass's selection at `now`, under the pass's settings, without running it.
 /// For tests: the plan must not depend on how stale `dispatch`'s statistics are.
 #[doc(hidden)]
-pub async fn explain_selection(common: &CommonArgs, now: DateTime<Utc>) -> Result<String, DispatchError> {
+pub async fn explain_selection(
+    common: &CommonArgs,
+    now: DateTime<Utc>,
+) -> Result<String, DispatchError> {
     #[derive(QueryableByName)]
     struct Line {
         #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
@@ -218,7 +221,11 @@ pub async fn explain_selection(common: &CommonArgs, now: DateTime<Utc>) -> Resul
                 .await
         })
         .await?;
-    Ok(lines.into_iter().map(|l| l.line).collect::<Vec<_>>().join("\n"))
+    Ok(lines
+        .into_iter()
+        .map(|l| l.line)
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 #[derive(Debug, QueryableByName)]
@@ -349,12 +356,12 @@ async fn pass(
             .await?;
             let pass_id = pass.as_slice().first().map_or(0, |p| p.id);
             let counts: Vec<Selected> = diesel::sql_query(selection())
-            .bind::<Timestamptz, _>(now)
-            .bind::<Text, _>(&tz)
-            .bind::<BigInt, _>(pass_id)
-            .bind::<Bool, _>(quiet)
-            .load(conn)
-            .await?;
+                .bind::<Timestamptz, _>(now)
+                .bind::<Text, _>(&tz)
+                .bind::<BigInt, _>(pass_id)
+                .bind::<Bool, _>(quiet)
+                .load(conn)
+                .await?;
             let (selected, held) = counts
                 .as_slice()
                 .first()

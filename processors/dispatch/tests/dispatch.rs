@@ -236,6 +236,12 @@ async fn the_selection_never_rescans_the_outbox_it_is_filling() {
         .unwrap();
 
     // Then `dispatch` is read once (hashed or merged), never on the inner side of a nested loop
-    assert!(plan.contains("on dispatch"), "the plan reads dispatch:\n{plan}");
-    assert!(!plan.contains("Nested Loop"), "a nested loop in the selection:\n{plan}");
+    assert!(
+        plan.contains("on dispatch"),
+        "the plan reads dispatch:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Nested Loop"),
+        "a nested loop in the selection:\n{plan}"
+    );
 }
