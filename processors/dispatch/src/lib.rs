@@ -104,12 +104,26 @@ pub struct PassSummary {
     pub reservations_fired: u64,
 }
 
+/// The preview's counts.
 #[derive(Debug, QueryableByName)]
 struct Selected {
     #[diesel(sql_type = BigInt)]
     selected: i64,
     #[diesel(sql_type = BigInt)]
     held: i64,
+}
+
+/// A due bill, as the selection returns it.
+#[derive(Debug, QueryableByName)]
+struct Due {
+    #[diesel(sql_type = BigInt)]
+    bill_id: i64,
+    #[diesel(sql_type = BigInt)]
+    member_id: i64,
+    #[diesel(sql_type = Text)]
+    billing_month: String,
+    #[diesel(sql_type = Bool)]
+    held: bool,
 }
 
 #[derive(Debug, QueryableByName)]
@@ -155,7 +169,8 @@ const DUE: &str = "
     reserved as materialized (
       select fire_at, billing_month, member_ids from dispatch_reservation where fire_at <= $1),
     due as (
-      select b.id as bill_id, b.member_id, (c.local::time) as now_time, m.dnd_start, m.dnd_end,
+      select b.id as bill_id, b.member_id, b.billing_month, (c.local::time) as now_time,
+             m.dnd_start, m.dnd_end,
              least(m.delivery_day::int, mo.next_days) <= (c.local::date - mo.next_start) + 1
              or exists (select 1 from reserved r
                         where b.settled_at <= r.fire_at
@@ -166,7 +181,7 @@ const DUE: &str = "
       join member m on m.id = b.member_id
       cross join clock c
       where not exists (select 1 from dispatch d where d.bill_id = b.id))
-    select bill_id, member_id,
+    select bill_id, member_id, billing_month,
            (dnd_start is not null and case when dnd_start <= dnd_end
                then now_time >= dnd_start and now_time < dnd_end
                else now_time >= dnd_start or now_time < dnd_end end) as held
@@ -180,18 +195,18 @@ const DUE: &str = "
 const SELECTION_SETTINGS: &str = "set local enable_nestloop = off";
 
 /// The selection: inserts the due bills that are not held (none in quiet hours, `$4`) into the
-/// outbox for pass `$3`, and counts them and the held ones, in one evaluation of the due set
-/// (each evaluation scans every undispatched bill). No `on conflict`: the advisory lock keeps
-/// passes apart and the due set excludes dispatched bills, so a conflict would be a bug, and it
-/// fails the transaction.
+/// outbox for pass `$3`, and returns every due bill with whether it was held, in one
+/// evaluation of the due set (each evaluation scans every undispatched bill); the pass
+/// publishes the rows it inserted from this answer, not from a second read of the outbox. No
+/// `on conflict`: the advisory lock keeps passes apart and the due set excludes dispatched
+/// bills, so a conflict would be a bug, and it fails the transaction. (A data-modifying `with`
+/// runs to completion whether or not the outer query reads it.)
 fn selection() -> String {
     format!(
         "with d as materialized ({DUE}),
               ins as (insert into dispatch (bill_id, member_id, requested_at, pass_id)
-                      select bill_id, member_id, $1, $3 from d where not held and not $4
-                      returning 1)
-         select (select count(*) from ins)::bigint as selected,
-                (select count(*) from d where held or $4)::bigint as held"
+                      select bill_id, member_id, $1, $3 from d where not held and not $4)
+         select bill_id, member_id, billing_month, held or $4 as held from d"
     )
 }
 
@@ -344,61 +359,98 @@ async fn pass(
     let quiet = in_quiet_hours(&mut conn, now).await?;
     summary.quiet_hours = quiet;
     let started = std::time::Instant::now();
-    let (selected, held, fired) = conn
-        .transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
-            conn.batch_execute(SELECTION_SETTINGS).await?;
-            let pass: Vec<Id> = diesel::sql_query(
-                "insert into dispatch_pass (run_at, trigger) values ($1, $2) returning id",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<Text, _>(trigger.as_str())
-            .load(conn)
-            .await?;
-            let pass_id = pass.as_slice().first().map_or(0, |p| p.id);
-            let counts: Vec<Selected> = diesel::sql_query(selection())
-                .bind::<Timestamptz, _>(now)
-                .bind::<Text, _>(&tz)
-                .bind::<BigInt, _>(pass_id)
-                .bind::<Bool, _>(quiet)
-                .load(conn)
-                .await?;
-            let (selected, held) = counts
-                .as_slice()
-                .first()
-                .map_or((0, 0), |c| (c.selected, c.held));
-            diesel::sql_query(
-                "update dispatch_pass set selected = $2, held = $3,
-                        completed_at = case when $2 = 0 then now() end where id = $1",
-            )
-            .bind::<BigInt, _>(pass_id)
-            .bind::<BigInt, _>(selected)
-            .bind::<BigInt, _>(held)
-            .execute(conn)
-            .await?;
-            let fired = diesel::sql_query(
-                "update dispatch_reservation set fired_at = $1, pass_id = $2
-                 where fired_at is null and fire_at <= $1",
-            )
-            .bind::<Timestamptz, _>(now)
-            .bind::<BigInt, _>(pass_id)
-            .execute(conn)
-            .await?;
-            Ok((selected, held, fired))
-        })
-        .await?;
-    summary.selected = u64::try_from(selected).unwrap_or(0);
-    summary.held = u64::try_from(held).unwrap_or(0);
-    summary.reservations_fired = fired as u64;
+    let selection = select(&mut conn, now, trigger, &tz, quiet).await?;
+    summary.selected = selection.rows.len() as u64;
+    summary.held = selection.held;
+    summary.reservations_fired = selection.fired;
     if interrupt {
         return Ok(summary);
     }
     let select_ms = started.elapsed().as_millis();
-    summary.published += publisher.publish_open(&mut conn).await?;
+    if !selection.rows.is_empty() {
+        summary.published += publisher
+            .publish_rows(&mut conn, selection.pass_id, &selection.rows)
+            .await?;
+    }
     tracing::info!(%now, trigger = trigger.as_str(), quiet_hours = summary.quiet_hours, select_ms,
         publish_ms = started.elapsed().as_millis() - select_ms,
         selected = summary.selected, held = summary.held, published = summary.published,
         reservations_fired = summary.reservations_fired, "dispatch pass");
     Ok(summary)
+}
+
+/// What a pass's transaction did.
+struct Selection {
+    pass_id: i64,
+    /// The bills put in the outbox, in bill-id order.
+    rows: Vec<Outbox>,
+    held: u64,
+    fired: u64,
+}
+
+/// The pass's transaction: records the pass, puts its due bills in the outbox and marks the
+/// reservations it fired (see the module's step 5). A pass that selected nothing is complete.
+async fn select(
+    conn: &mut AsyncPgConnection,
+    now: DateTime<Utc>,
+    trigger: Trigger,
+    tz: &str,
+    quiet: bool,
+) -> Result<Selection, diesel::result::Error> {
+    conn.transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
+        conn.batch_execute(SELECTION_SETTINGS).await?;
+        let pass: Vec<Id> = diesel::sql_query(
+            "insert into dispatch_pass (run_at, trigger) values ($1, $2) returning id",
+        )
+        .bind::<Timestamptz, _>(now)
+        .bind::<Text, _>(trigger.as_str())
+        .load(conn)
+        .await?;
+        let pass_id = pass.as_slice().first().map_or(0, |p| p.id);
+        let due: Vec<Due> = diesel::sql_query(selection())
+            .bind::<Timestamptz, _>(now)
+            .bind::<Text, _>(tz)
+            .bind::<BigInt, _>(pass_id)
+            .bind::<Bool, _>(quiet)
+            .load(conn)
+            .await?;
+        let held = due.iter().filter(|d| d.held).count();
+        let mut rows: Vec<Outbox> = due
+            .into_iter()
+            .filter(|d| !d.held)
+            .map(|d| Outbox {
+                bill_id: d.bill_id,
+                member_id: d.member_id,
+                billing_month: d.billing_month,
+                requested_at: now,
+            })
+            .collect();
+        rows.sort_unstable_by_key(|r| r.bill_id);
+        diesel::sql_query(
+            "update dispatch_pass set selected = $2, held = $3,
+                    completed_at = case when $2 = 0 then now() end where id = $1",
+        )
+        .bind::<BigInt, _>(pass_id)
+        .bind::<BigInt, _>(i64::try_from(rows.len()).unwrap_or(i64::MAX))
+        .bind::<BigInt, _>(i64::try_from(held).unwrap_or(i64::MAX))
+        .execute(conn)
+        .await?;
+        let fired = diesel::sql_query(
+            "update dispatch_reservation set fired_at = $1, pass_id = $2
+             where fired_at is null and fire_at <= $1",
+        )
+        .bind::<Timestamptz, _>(now)
+        .bind::<BigInt, _>(pass_id)
+        .execute(conn)
+        .await?;
+        Ok(Selection {
+            pass_id,
+            rows,
+            held: held as u64,
+            fired: fired as u64,
+        })
+    })
+    .await
 }
 
 /// Publishes outbox rows and moves each pass's cursor.
@@ -452,6 +504,17 @@ impl Publisher {
         .bind::<BigInt, _>(pass.published_through.unwrap_or(i64::MIN))
         .load(conn)
         .await?;
+        self.publish_rows(conn, pass.id, &rows).await
+    }
+
+    /// Publishes pass `pass_id`'s outbox `rows` (in bill-id order, none at or before its
+    /// cursor), moving the cursor after each acknowledged chunk, then completes the pass.
+    async fn publish_rows(
+        &self,
+        conn: &mut AsyncPgConnection,
+        pass_id: i64,
+        rows: &[Outbox],
+    ) -> Result<u64, DispatchError> {
         let mut published = 0u64;
         for chunk in rows.chunks(CHUNK) {
             let mut pending = Vec::with_capacity(chunk.len());
@@ -479,14 +542,14 @@ impl Publisher {
             }
             let last = chunk.last().map_or(i64::MIN, |r| r.bill_id);
             diesel::sql_query("update dispatch_pass set published_through = $2 where id = $1")
-                .bind::<BigInt, _>(pass.id)
+                .bind::<BigInt, _>(pass_id)
                 .bind::<BigInt, _>(last)
                 .execute(conn)
                 .await?;
             published += chunk.len() as u64;
         }
         diesel::sql_query("update dispatch_pass set completed_at = now() where id = $1")
-            .bind::<BigInt, _>(pass.id)
+            .bind::<BigInt, _>(pass_id)
             .execute(conn)
             .await?;
         Ok(published)
