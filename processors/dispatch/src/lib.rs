@@ -113,19 +113,16 @@ struct Selected {
     held: i64,
 }
 
-/// A due bill, as the selection returns it.
+/// A due bill, as the selection returns it: its outbox row, or held.
 #[derive(Debug, QueryableByName)]
 struct Due {
-    #[diesel(sql_type = BigInt)]
-    bill_id: i64,
-    #[diesel(sql_type = BigInt)]
-    member_id: i64,
-    #[diesel(sql_type = Text)]
-    billing_month: String,
+    #[diesel(embed)]
+    outbox: Outbox,
     #[diesel(sql_type = Bool)]
     held: bool,
 }
 
+/// An outbox row to publish.
 #[derive(Debug, QueryableByName)]
 struct Outbox {
     #[diesel(sql_type = BigInt)]
@@ -187,11 +184,13 @@ const DUE: &str = "
                else now_time >= dnd_start or now_time < dnd_end end) as held
     from due where is_due";
 
-/// Planner settings for the selection's transaction. The selection inserts into `dispatch`
-/// while its anti-join reads `dispatch`: a nested loop over a scan of `dispatch` (chosen when
-/// the table's statistics say it is empty, as after an `analyze` of an empty table) rescans
-/// the pages the statement itself is filling for every bill, which is quadratic (a million
-/// bills did not finish in 12 minutes). Hash and merge joins read `dispatch` once.
+/// Planner settings for the transactions that evaluate the due set (a pass's selection, a
+/// preview). The selection inserts into `dispatch` while its anti-join reads `dispatch`: a
+/// nested loop over a scan of `dispatch` (chosen when the table's statistics say it is empty,
+/// as after an `analyze` of an empty table) rescans the pages the statement itself is filling
+/// for every bill, which is quadratic (a million bills did not finish in 12 minutes); a
+/// preview with statistics that lag behind a large pass would scan the whole outbox per bill.
+/// Hash and merge joins read `dispatch` once.
 const SELECTION_SETTINGS: &str = "set local enable_nestloop = off";
 
 /// The selection: inserts the due bills that are not held (none in quiet hours, `$4`) into the
@@ -206,12 +205,21 @@ fn selection() -> String {
         "with d as materialized ({DUE}),
               ins as (insert into dispatch (bill_id, member_id, requested_at, pass_id)
                       select bill_id, member_id, $1, $3 from d where not held and not $4)
-         select bill_id, member_id, billing_month, held or $4 as held from d"
+         select bill_id, member_id, billing_month, $1 as requested_at, held or $4 as held
+         from d"
     )
 }
 
-/// The plan of a pass's selection at `now`, under the pass's settings, without running it.
-/// For tests: the plan must not depend on how stale `dispatch`'s statistics are.
+/// What a preview counts: the due set at `$1` in time zone `$2`, and how much of it is held.
+fn preview_statement() -> String {
+    format!(
+        "select count(*)::bigint as selected, count(*) filter (where held)::bigint as held from ({DUE}) d"
+    )
+}
+
+/// The plans of a pass's selection and of a preview at `now`, under the pass's settings,
+/// without running them. For tests: no plan may depend on how stale `dispatch`'s statistics
+/// are.
 #[doc(hidden)]
 pub async fn explain_selection(
     common: &CommonArgs,
@@ -227,13 +235,21 @@ pub async fn explain_selection(
     let lines = conn
         .transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
             conn.batch_execute(SELECTION_SETTINGS).await?;
-            diesel::sql_query(format!("explain {}", selection()))
+            let mut lines = diesel::sql_query(format!("explain {}", selection()))
                 .bind::<Timestamptz, _>(now)
                 .bind::<Text, _>(&tz)
                 .bind::<BigInt, _>(0_i64)
                 .bind::<Bool, _>(false)
                 .load::<Line>(conn)
-                .await
+                .await?;
+            lines.extend(
+                diesel::sql_query(format!("explain {}", preview_statement()))
+                    .bind::<Timestamptz, _>(now)
+                    .bind::<Text, _>(&tz)
+                    .load::<Line>(conn)
+                    .await?,
+            );
+            Ok(lines)
         })
         .await?;
     Ok(lines
@@ -294,13 +310,19 @@ impl Preview {
 pub async fn preview(common: &CommonArgs, now: DateTime<Utc>) -> Result<Preview, DispatchError> {
     let mut conn = billing_db::connect(&common.database_url).await?;
     let quiet = in_quiet_hours(&mut conn, now).await?;
-    let counts: Vec<Selected> = diesel::sql_query(format!(
-        "select count(*)::bigint as selected, count(*) filter (where held)::bigint as held from ({DUE}) d"
-    ))
-    .bind::<Timestamptz, _>(now)
-    .bind::<Text, _>(common.billing_tz.name())
-    .load(&mut conn)
-    .await?;
+    let tz = common.billing_tz.name();
+    // Read-only, but the same anti-join: with stale statistics a nested loop would scan the
+    // whole outbox once per undispatched bill.
+    let counts: Vec<Selected> = conn
+        .transaction::<_, diesel::result::Error, _>(async move |conn: &mut AsyncPgConnection| {
+            conn.batch_execute(SELECTION_SETTINGS).await?;
+            diesel::sql_query(preview_statement())
+                .bind::<Timestamptz, _>(now)
+                .bind::<Text, _>(tz)
+                .load(conn)
+                .await
+        })
+        .await?;
     let (due, held) = counts
         .as_slice()
         .first()
@@ -417,13 +439,7 @@ async fn select(
         let held = due.iter().filter(|d| d.held).count();
         let mut rows: Vec<Outbox> = due
             .into_iter()
-            .filter(|d| !d.held)
-            .map(|d| Outbox {
-                bill_id: d.bill_id,
-                member_id: d.member_id,
-                billing_month: d.billing_month,
-                requested_at: now,
-            })
+            .filter_map(|d| (!d.held).then_some(d.outbox))
             .collect();
         rows.sort_unstable_by_key(|r| r.bill_id);
         diesel::sql_query(
