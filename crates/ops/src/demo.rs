@@ -334,7 +334,14 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         let mut last_change = Instant::now();
         let outcome = loop {
             let asked = Instant::now();
-            let now = progress(&mut watch, month).await?;
+            // A connection lost (PostgreSQL restarted under the demo) is opened again once.
+            let now = match progress(&mut watch, month).await {
+                Ok(now) => now,
+                Err(_) => {
+                    watch = billing_db::connect(&url).await?;
+                    progress(&mut watch, month).await?
+                }
+            };
             let took = asked.elapsed();
             let finished = now.finished;
             dispatched.set_position(u64::try_from(now.dispatched).unwrap_or(0));
