@@ -335,20 +335,20 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
         let outcome = loop {
             let asked = Instant::now();
             // A connection lost (PostgreSQL restarted under the demo) is opened again once.
-            let now = match progress(&mut watch, month).await {
-                Ok(now) => now,
+            let seen = match progress(&mut watch, month).await {
+                Ok(seen) => seen,
                 Err(_) => {
                     watch = billing_db::connect(&url).await?;
                     progress(&mut watch, month).await?
                 }
             };
             let took = asked.elapsed();
-            let finished = now.finished;
-            dispatched.set_position(u64::try_from(now.dispatched).unwrap_or(0));
-            email.set_position(u64::try_from(now.email).unwrap_or(0));
-            sms.set_position(u64::try_from(now.sms).unwrap_or(0));
-            if now != last_progress {
-                last_progress = now;
+            let finished = seen.finished;
+            dispatched.set_position(u64::try_from(seen.dispatched).unwrap_or(0));
+            email.set_position(u64::try_from(seen.email).unwrap_or(0));
+            sms.set_position(u64::try_from(seen.sms).unwrap_or(0));
+            if seen != last_progress {
+                last_progress = seen;
                 last_change = Instant::now();
             }
             done.set_position(u64::try_from(finished).unwrap_or(0));
@@ -367,9 +367,9 @@ pub async fn demo(common: &CommonArgs, options: DemoOptions) -> Result<DemoRepor
             if finished < bills && clock.now() > delivery_end && last_change.elapsed() > STALL {
                 break Err(OpsError::Stack(format!(
                     "stalled: nothing moved for {STALL:?} after the delivery month ended ({finished} of {bills} bills finished, {} dispatched, {} sent by email, {} by SMS); if the stack was purged or its topics deleted while the database kept its rows, run `billing stack down --purge` and start again; logs in {}",
-                    now.dispatched,
-                    now.email,
-                    now.sms,
+                    seen.dispatched,
+                    seen.email,
+                    seen.sms,
                     log_dir.display()
                 )));
             }
