@@ -3,7 +3,9 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use billing_dispatch::{PassSummary, Scope, Trigger, reservation, run_pass, run_pass_interrupted};
+use billing_dispatch::{
+    Drill, PassSummary, Scope, Trigger, reservation, run_pass, run_pass_drill, run_pass_interrupted,
+};
 use billing_schema::{Decoder, EmailRequest, catalogue::EMAIL_REQUESTS};
 use billing_testkit::{TestEnv, kst};
 use diesel::{QueryableByName, sql_types::Text};
@@ -242,4 +244,99 @@ async fn neither_the_selection_nor_a_preview_rescans_the_outbox() {
         .count();
     assert_eq!(reads, 2, "both plans read dispatch:\n{plan}");
     assert!(!plan.contains("Nested Loop"), "a nested loop:\n{plan}");
+}
+
+#[derive(QueryableByName)]
+struct OpenPasses {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    open: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    outbox: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_that_dies_between_chunks_loses_and_repeats_nothing() {
+    // Given September's and October's bills of 40 members, all due by the end of November
+    let env = TestEnv::new().await;
+    let mut common = env.common.clone();
+    common.database_url = env.database().await;
+    let mut conn = billing_db::connect(&common.database_url).await.unwrap();
+    conn.batch_execute(
+        "insert into member
+           select i, 'm' || i, 'm' || i || '@example.kr', '+8210' || lpad(i::text, 8, '0'),
+                  1 + i % 28, null, null, 'plan-5g-slim', now()
+           from generate_series(1, 40) i;
+         insert into bill (id, member_id, billing_month, total_amount, discount_amount,
+                           vat_amount, final_amount, settled_at)
+           select m * 10000000000 + i, i, to_char(to_date(m::text, 'YYYYMM'), 'YYYY-MM'),
+                  55000, 0, 5500, 60500, '2026-10-31T15:00:00Z'
+           from generate_series(1, 40) i, unnest(array[202609, 202610]) m;",
+    )
+    .await
+    .unwrap();
+    let now = kst("2026-11-30T10:00:00");
+
+    // When a pass in chunks of 7 members (12 chunks over the two months) dies once three
+    // chunks are published, and the next pass runs in production's chunks
+    let drill = Drill {
+        chunk_members: 7,
+        crash_after_chunks: Some(3),
+    };
+    let crashed = run_pass_drill(&common, now, Trigger::Schedule, drill)
+        .await
+        .unwrap();
+    let left: Vec<OpenPasses> = diesel::sql_query(
+        "select (select count(*) from dispatch_pass where completed_at is null) as open,
+                (select count(*) from dispatch) as outbox",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    let restarted = run_pass(&common, now, Trigger::Schedule).await.unwrap();
+
+    // Then the crashed pass published three chunks (21 bills) and left an open pass whose
+    // committed rows, and the bills it never reached, went out with the next pass
+    assert_eq!(crashed.published, 21);
+    assert!(
+        crashed.selected > 21,
+        "the fourth chunk was committed: {crashed:?}"
+    );
+    assert_eq!(left[0].open, 1);
+    assert!(
+        left[0].outbox >= 28,
+        "outbox after the crash: {}",
+        left[0].outbox
+    );
+    assert_eq!(restarted.published, 80 - 21);
+    // (chunks selected ahead of the crash were committed too, and not selected again)
+    assert_eq!(left[0].outbox + restarted.selected as i64, 80);
+    let done: Vec<OpenPasses> = diesel::sql_query(
+        "select (select count(*) from dispatch_pass where completed_at is null) as open,
+                (select count(*) from dispatch) as outbox",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((done[0].open, done[0].outbox), (0, 80));
+    // And the topic holds one request per bill, each with its month
+    let topic = env.topic(&EMAIL_REQUESTS.spec);
+    assert_eq!(env.record_count(&topic).await, 80);
+    let read = env.read(&topic, 80, Duration::from_secs(10)).await;
+    let decoder = Decoder::<EmailRequest>::new(env.registry.clone());
+    let mut bills = HashSet::new();
+    for r in &read {
+        let req: EmailRequest = decoder.decode(r.payload.as_deref()).await.unwrap();
+        let month = if req.bill_id < 2_026_100_000_000_000 {
+            "2026-09"
+        } else {
+            "2026-10"
+        };
+        assert_eq!(req.billing_month, month);
+        assert!(
+            bills.insert(req.bill_id),
+            "bill {} requested twice",
+            req.bill_id
+        );
+    }
+    assert_eq!(bills.len(), 80);
 }
