@@ -11,7 +11,10 @@ use std::{
     collections::HashMap,
     fmt,
     marker::PhantomData,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -373,6 +376,15 @@ pub struct Decoder<V> {
     /// Subjects a writer id must be registered under; `None` accepts any registered id.
     subjects: Option<Arc<[String]>>,
     writers: RwLock<HashMap<u32, Result<Arc<WriterSchema>, CodecError>>>,
+    /// Held while an id is looked up, so that the records in flight when a new id appears
+    /// wait for one look-up instead of each making its own (a processor starts with
+    /// thousands in flight). It keeps each id's last uncached failure (registry unavailable,
+    /// id unknown yet) and when it happened: a record that waited through a failed look-up
+    /// gets its answer instead of asking again, so an unreachable registry costs one time-out
+    /// per id and moment, not one per record in flight.
+    admitting: tokio::sync::Mutex<HashMap<u32, (std::time::Instant, CodecError)>>,
+    /// Writer ids looked up in the registry so far (see [`Decoder::admissions`]).
+    admissions: AtomicU64,
     _value: PhantomData<fn() -> V>,
 }
 
@@ -390,6 +402,8 @@ impl<V: AvroRecord> Decoder<V> {
             registry,
             subjects: None,
             writers: RwLock::new(HashMap::new()),
+            admitting: tokio::sync::Mutex::new(HashMap::new()),
+            admissions: AtomicU64::new(0),
             _value: PhantomData,
         }
     }
@@ -402,7 +416,13 @@ impl<V: AvroRecord> Decoder<V> {
         }
     }
 
+    /// How many times this decoder has asked the registry about a writer id.
+    pub fn admissions(&self) -> u64 {
+        self.admissions.load(Ordering::Relaxed)
+    }
+
     async fn admit(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
+        self.admissions.fetch_add(1, Ordering::Relaxed);
         if let Some(subjects) = &self.subjects {
             let uses = self.registry.subjects_of(id).await?;
             if !uses.iter().any(|u| subjects.contains(u)) {
@@ -424,11 +444,31 @@ impl<V: AvroRecord> Decoder<V> {
         Ok(Arc::new(writer))
     }
 
+    fn cached(&self, id: u32) -> Option<Result<Arc<WriterSchema>, CodecError>> {
+        self.writers.read().ok().and_then(|m| m.get(&id).cloned())
+    }
+
     async fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, CodecError> {
-        if let Some(found) = self.writers.read().ok().and_then(|m| m.get(&id).cloned()) {
+        if let Some(found) = self.cached(id) {
             return found;
         }
+        let asked = std::time::Instant::now();
+        let mut failures = self.admitting.lock().await;
+        if let Some(found) = self.cached(id) {
+            return found;
+        }
+        if let Some((at, failure)) = failures.get(&id)
+            && *at >= asked
+        {
+            return Err(failure.clone());
+        }
         let verdict = self.admit(id).await;
+        if let Err(failure) = &verdict {
+            if failures.len() >= 1024 {
+                failures.clear(); // forged ids by the thousand: keep the map small
+            }
+            failures.insert(id, (std::time::Instant::now(), failure.clone()));
+        }
         // A verdict on a registered schema never changes; an unreachable registry, or an id it
         // does not know yet (a registry replica behind its leader), is asked again next time.
         if !matches!(
