@@ -60,10 +60,11 @@ async fn a_burst_of_records_while_the_registry_is_down_waits_for_one_failed_look
 
     // Then each is told the registry is unavailable (to be retried, not dead-lettered), after
     // one look-up; and a later record asks again
-    assert!(decoded.iter().all(|d| matches!(
-        d,
-        Err(billing_schema::CodecError::RegistryUnavailable(_))
-    )));
+    assert!(
+        decoded
+            .iter()
+            .all(|d| matches!(d, Err(billing_schema::CodecError::RegistryUnavailable(_))))
+    );
     assert_eq!(decoder.admissions(), 1);
     let later = decoder.decode(Some(&payload)).await;
     assert!(matches!(
