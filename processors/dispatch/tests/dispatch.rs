@@ -9,7 +9,7 @@ use billing_dispatch::{
 use billing_schema::{Decoder, EmailRequest, catalogue::EMAIL_REQUESTS};
 use billing_testkit::{TestEnv, kst};
 use diesel::{QueryableByName, sql_types::Text};
-use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
 fn bill_id(member: i64) -> i64 {
     2_026_100_000_000_000 + member
@@ -217,20 +217,10 @@ async fn neither_the_selection_nor_a_preview_rescans_the_outbox() {
     let mut common = env.common.clone();
     common.database_url = env.database().await;
     let mut conn = billing_db::connect(&common.database_url).await.unwrap();
-    conn.batch_execute(
-        "insert into member
-           select i, 'm' || i, 'm' || i || '@example.kr', '+8210' || lpad(i::text, 8, '0'),
-                  1 + i % 28, null, null, 'plan-5g-slim', now()
-           from generate_series(1, 20000) i;
-         insert into bill (id, member_id, billing_month, total_amount, discount_amount,
-                           vat_amount, final_amount, settled_at)
-           select 202610 * 10000000000 + i, i, '2026-10', 55000, 0, 5500, 60500,
-                  '2026-10-31T15:00:00Z'
-           from generate_series(1, 20000) i;
-         analyze member; analyze bill; analyze dispatch;",
-    )
-    .await
-    .unwrap();
+    members_with_bills(&mut conn, 20_000, &[202_610]).await;
+    conn.batch_execute("analyze member; analyze bill; analyze dispatch;")
+        .await
+        .unwrap();
 
     // When the selection and a preview are planned as a pass and a preview plan them
     let plan = billing_dispatch::explain_selection(&common, kst("2026-11-30T10:00:00"))
@@ -246,12 +236,44 @@ async fn neither_the_selection_nor_a_preview_rescans_the_outbox() {
     assert!(!plan.contains("Nested Loop"), "a nested loop:\n{plan}");
 }
 
+/// Members `1..=members` (delivery days 1 to 28, no window), each with a bill of every month
+/// in `months` (`yyyymm`).
+async fn members_with_bills(conn: &mut AsyncPgConnection, members: i64, months: &[i64]) {
+    let months: Vec<String> = months.iter().map(i64::to_string).collect();
+    conn.batch_execute(&format!(
+        "insert into member
+           select i, 'm' || i, 'm' || i || '@example.kr', '+8210' || lpad(i::text, 8, '0'),
+                  1 + i % 28, null, null, 'plan-5g-slim', now()
+           from generate_series(1, {members}) i;
+         insert into bill (id, member_id, billing_month, total_amount, discount_amount,
+                           vat_amount, final_amount, settled_at)
+           select m * 10000000000 + i, i, to_char(to_date(m::text, 'YYYYMM'), 'YYYY-MM'),
+                  55000, 0, 5500, 60500, '2026-10-31T15:00:00Z'
+           from generate_series(1, {members}) i, unnest(array[{}]::bigint[]) m;",
+        months.join(", ")
+    ))
+    .await
+    .unwrap();
+}
+
 #[derive(QueryableByName)]
-struct OpenPasses {
+struct OutboxState {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     open: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     outbox: i64,
+}
+
+/// Passes still open, and rows in the outbox.
+async fn outbox_state(conn: &mut AsyncPgConnection) -> (i64, i64) {
+    let state: Vec<OutboxState> = diesel::sql_query(
+        "select (select count(*) from dispatch_pass where completed_at is null) as open,
+                (select count(*) from dispatch) as outbox",
+    )
+    .load(conn)
+    .await
+    .unwrap();
+    (state[0].open, state[0].outbox)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,19 +283,7 @@ async fn a_pass_that_dies_between_chunks_loses_and_repeats_nothing() {
     let mut common = env.common.clone();
     common.database_url = env.database().await;
     let mut conn = billing_db::connect(&common.database_url).await.unwrap();
-    conn.batch_execute(
-        "insert into member
-           select i, 'm' || i, 'm' || i || '@example.kr', '+8210' || lpad(i::text, 8, '0'),
-                  1 + i % 28, null, null, 'plan-5g-slim', now()
-           from generate_series(1, 40) i;
-         insert into bill (id, member_id, billing_month, total_amount, discount_amount,
-                           vat_amount, final_amount, settled_at)
-           select m * 10000000000 + i, i, to_char(to_date(m::text, 'YYYYMM'), 'YYYY-MM'),
-                  55000, 0, 5500, 60500, '2026-10-31T15:00:00Z'
-           from generate_series(1, 40) i, unnest(array[202609, 202610]) m;",
-    )
-    .await
-    .unwrap();
+    members_with_bills(&mut conn, 40, &[202_609, 202_610]).await;
     let now = kst("2026-11-30T10:00:00");
 
     // When a pass in chunks of 7 members (12 chunks over the two months) dies once three
@@ -285,13 +295,7 @@ async fn a_pass_that_dies_between_chunks_loses_and_repeats_nothing() {
     let crashed = run_pass_drill(&common, now, Trigger::Schedule, drill)
         .await
         .unwrap();
-    let left: Vec<OpenPasses> = diesel::sql_query(
-        "select (select count(*) from dispatch_pass where completed_at is null) as open,
-                (select count(*) from dispatch) as outbox",
-    )
-    .load(&mut conn)
-    .await
-    .unwrap();
+    let (open, outbox) = outbox_state(&mut conn).await;
     let restarted = run_pass(&common, now, Trigger::Schedule).await.unwrap();
 
     // Then the crashed pass published three chunks (21 bills) and left an open pass whose
@@ -301,23 +305,12 @@ async fn a_pass_that_dies_between_chunks_loses_and_repeats_nothing() {
         crashed.selected > 21,
         "the fourth chunk was committed: {crashed:?}"
     );
-    assert_eq!(left[0].open, 1);
-    assert!(
-        left[0].outbox >= 28,
-        "outbox after the crash: {}",
-        left[0].outbox
-    );
+    assert_eq!(open, 1);
+    assert!(outbox >= 28, "outbox after the crash: {outbox}");
     assert_eq!(restarted.published, 80 - 21);
     // (chunks selected ahead of the crash were committed too, and not selected again)
-    assert_eq!(left[0].outbox + restarted.selected as i64, 80);
-    let done: Vec<OpenPasses> = diesel::sql_query(
-        "select (select count(*) from dispatch_pass where completed_at is null) as open,
-                (select count(*) from dispatch) as outbox",
-    )
-    .load(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!((done[0].open, done[0].outbox), (0, 80));
+    assert_eq!(outbox + restarted.selected as i64, 80);
+    assert_eq!(outbox_state(&mut conn).await, (0, 80));
     // And the topic holds one request per bill, each with its month
     let topic = env.topic(&EMAIL_REQUESTS.spec);
     assert_eq!(env.record_count(&topic).await, 80);
