@@ -50,6 +50,9 @@ pub const NAME: &str = "dispatch";
 /// Members per chunk of a pass: a chunk is selected in one transaction and published between
 /// two moves of the pass's cursor.
 const CHUNK_MEMBERS: i64 = 100_000;
+/// Chunks per month at most: member ids spread thinly (a billion ids for a million members)
+/// make wider chunks instead of thousands of nearly empty transactions.
+const MAX_CHUNKS_PER_MONTH: i64 = 64;
 /// Chunks selected at once, each on a connection of its own, while the pass publishes the
 /// chunk before them: the due set's joins and the outbox's inserts are PostgreSQL's work, the
 /// encoding and the broker's acknowledgements the pass's, so the two overlap on two cores.
@@ -562,13 +565,18 @@ async fn plan_chunks(
         .collect())
 }
 
-/// One month's bill ids `first..=last` (all of one month) as chunks of `width` members.
+/// One month's bill ids `first..=last` (all of one month) as chunks of `width` members, or
+/// as [`MAX_CHUNKS_PER_MONTH`] wider ones if the ids are spread too thinly for that.
 fn chunks_of_month(first: i64, last: i64, width: i64) -> impl Iterator<Item = Chunk> {
     let base = first - first.rem_euclid(MONTH_SPAN);
+    let span = last.saturating_sub(first).saturating_add(1);
+    let width = width
+        .max(1)
+        .max((span + MAX_CHUNKS_PER_MONTH - 1) / MAX_CHUNKS_PER_MONTH);
     let mut lo = first;
     std::iter::from_fn(move || {
         (lo <= last).then(|| {
-            let hi = lo.saturating_add(width.max(1) - 1).min(last);
+            let hi = lo.saturating_add(width - 1).min(last);
             let chunk = Chunk {
                 bills: (lo, hi),
                 members: (lo - base, hi - base),
@@ -859,5 +867,19 @@ mod tests {
         let one: Vec<Chunk> = chunks_of_month(first, first, 0).collect();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].members, (3, 3));
+        // And members spread over every possible id make 64 chunks, not 100,000, that still
+        // cover the month once, in order
+        let base = 2_026_110_000_000_000;
+        let (first, last) = (base + 1, base + 9_999_999_999);
+        let sparse: Vec<Chunk> = chunks_of_month(first, last, 100_000).collect();
+        assert_eq!(sparse.len(), 64);
+        assert_eq!(sparse[0].bills.0, first);
+        assert_eq!(sparse[63].bills.1, last);
+        assert!(sparse.windows(2).all(|w| w[1].bills.0 == w[0].bills.1 + 1));
+        assert!(
+            sparse
+                .iter()
+                .all(|c| c.members == (c.bills.0 - base, c.bills.1 - base))
+        );
     }
 }
