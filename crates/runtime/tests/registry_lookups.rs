@@ -43,8 +43,19 @@ async fn a_burst_of_records_under_an_unseen_schema_asks_the_registry_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_records_while_the_registry_is_down_waits_for_one_failed_look_up() {
-    // Given a decoder whose registry cannot be reached
-    let registry = billing_schema::Registry::new("http://127.0.0.1:9").unwrap();
+    // Given a decoder whose registry accepts connections, says nothing for half a second and
+    // hangs up (so every record below is waiting before the first answer comes)
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                drop(socket);
+            });
+        }
+    });
+    let registry = billing_schema::Registry::new(&url).unwrap();
     let decoder = Arc::new(Decoder::<UsageRecord>::for_subjects(
         registry,
         vec!["usage-records-value".into()],
@@ -52,11 +63,16 @@ async fn a_burst_of_records_while_the_registry_is_down_waits_for_one_failed_look
     let payload = vec![0, 0, 0, 0, 7, 2, 0];
 
     // When 50 records framed with one id are decoded at once
-    let decoded = futures::future::join_all((0..50).map(|_| {
-        let (decoder, payload) = (decoder.clone(), payload.clone());
-        async move { decoder.decode(Some(&payload)).await }
-    }))
-    .await;
+    let decodes: Vec<_> = (0..50)
+        .map(|_| {
+            let (decoder, payload) = (decoder.clone(), payload.clone());
+            tokio::spawn(async move { decoder.decode(Some(&payload)).await })
+        })
+        .collect();
+    let mut decoded = Vec::new();
+    for d in decodes {
+        decoded.push(d.await.unwrap());
+    }
 
     // Then each is told the registry is unavailable (to be retried, not dead-lettered), after
     // one look-up; and a later record asks again
