@@ -725,8 +725,10 @@ macro_rules! channel_flags {
         /// The channel's own flags.
         #[derive(Debug, Clone, clap::Args)]
         pub struct $name {
-            /// Sends in flight at once (the gateway's latency is hidden by concurrency).
-            #[arg(long, env = concat!($prefix, "_MAX_IN_FLIGHT"), default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
+            /// Sends in flight at once (the gateway's latency is hidden by concurrency: at
+            /// most this many per gateway latency, so 20,000 at 1 s capped a channel below
+            /// 20,000 sends/s; 40,000 measured faster at about 500 MB, 80,000 no faster).
+            #[arg(long, env = concat!($prefix, "_MAX_IN_FLIGHT"), default_value_t = 40_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
             pub max_in_flight: u64,
             /// Attempts on this channel, the first included (2 to 5).
             #[arg(long, env = concat!($prefix, "_ATTEMPTS"), default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=5))]
