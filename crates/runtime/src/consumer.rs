@@ -254,9 +254,14 @@ pub(crate) enum Rebalanced {
 /// paused flag across a revoke and a re-assign, so a partition paused for a held record (or
 /// past its bounded end) and handed back to the same member would otherwise never be read
 /// again.
+///
+/// It also keeps librdkafka's latest statistics of each partition's lag (the high watermark
+/// of its last fetch minus the offset the loop stored), so the loop reports lag without a
+/// round trip to the broker.
 #[derive(Debug, Default, Clone)]
 pub struct LoopContext {
     events: Arc<std::sync::Mutex<Vec<Rebalanced>>>,
+    lags: Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -266,7 +271,24 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
         .collect()
 }
 
-impl rdkafka::ClientContext for LoopContext {}
+/// How often librdkafka reports its statistics, lag among them.
+const STATISTICS_INTERVAL: &str = "5000";
+
+impl rdkafka::ClientContext for LoopContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lags = statistics.topics.iter().flat_map(|(topic, t)| {
+            t.partitions
+                .iter()
+                // Partition -1 is librdkafka's internal one; a negative lag is unknown.
+                .filter(|(p, s)| **p >= 0 && s.consumer_lag_stored >= 0)
+                .map(|(p, s)| ((topic.clone(), *p), s.consumer_lag_stored))
+        });
+        if let Ok(mut known) = self.lags.lock() {
+            known.clear();
+            known.extend(lags);
+        }
+    }
+}
 
 impl rdkafka::consumer::ConsumerContext for LoopContext {
     fn pre_rebalance(
@@ -586,22 +608,26 @@ impl LoopMetrics {
     }
 }
 
-/// Consumer lag per tracked partition: the high watermark minus the stored offset. Asked of
-/// the broker every few seconds with a short timeout (a local round trip per partition).
-fn report_lag(consumer: &LoopConsumer, group: &str, tracker: &OffsetTracker) {
+/// Consumer lag per tracked partition, from librdkafka's last statistics (see
+/// [`LoopContext`]). It used to ask the broker for each partition's high watermark with a
+/// 100 ms time-out, from the loop's task: a broker busy for longer held the loop (and every
+/// record in flight) for up to 100 ms per partition, and each timed-out request made
+/// librdkafka drop its connection to the broker (`socket.max.fails` = 1), fetches in flight
+/// with it.
+fn report_lag(context: &LoopContext, group: &str, tracker: &OffsetTracker) {
     let m = crate::metrics::global();
-    for ((topic, partition), t) in &tracker.partitions {
-        if let (Some(stored), Ok((_, high))) = (
-            t.stored,
-            consumer.fetch_watermarks(topic, *partition, Duration::from_millis(100)),
-        ) {
+    let Ok(lags) = context.lags.lock() else {
+        return;
+    };
+    for (topic, partition) in tracker.partitions.keys() {
+        if let Some(lag) = lags.get(&(topic.clone(), *partition)) {
             let p = partition.to_string();
             m.gauge(
                 "billing_consumer_lag",
                 "Records behind the high watermark.",
                 &[("group", group), ("topic", topic), ("partition", &p)],
             )
-            .set((high - stored).max(0));
+            .set(*lag);
         }
     }
 }
@@ -766,6 +792,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     let consumer: LoopConsumer = deps
         .kafka
         .consumer_config(&config.group_id)
+        .set("statistics.interval.ms", STATISTICS_INTERVAL)
         .create_with_context(context.clone())?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -806,7 +833,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
             .set(i64::try_from(held.records.len()).unwrap_or(0));
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
-            report_lag(&consumer, &config.group_id, &tracker);
+            report_lag(&context, &config.group_id, &tracker);
         }
         if let Some(b) = bounds.as_mut()
             && in_flight.is_empty()

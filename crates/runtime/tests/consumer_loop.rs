@@ -86,11 +86,11 @@ async fn run_bounded(
     .unwrap()
 }
 
-async fn deps(
+async fn deps<H: Handler<UsageRecord>>(
     env: &TestEnv,
-    handler: Arc<Recorder>,
+    handler: Arc<H>,
     stage: &str,
-) -> LoopDeps<UsageRecord, Recorder> {
+) -> LoopDeps<UsageRecord, H> {
     let producer = Producer::new(&env.kafka()).unwrap();
     let dlq = Encoder::register(
         &env.registry,
@@ -556,4 +556,82 @@ async fn a_dead_letter_too_large_for_the_topic_is_written_without_its_payload() 
         "{reason}"
     );
     assert_eq!(dead[0].headers[headers::SOURCE_OFFSET], "0");
+}
+
+/// Passes records below `open_below` at once; holds the others until `open` turns true.
+struct Gate {
+    open_below: i64,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Handler<UsageRecord> for Gate {
+    async fn handle(&self, r: &Incoming<UsageRecord>) -> Result<(), HandleError> {
+        if r.offset >= self.open_below {
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
+        }
+        Ok(())
+    }
+}
+
+/// The loop's `billing_consumer_lag` for `group` and partition 0, if reported.
+fn reported_lag(group: &str) -> Option<i64> {
+    let text = billing_runtime::metrics::global().render();
+    text.lines()
+        .filter(|l| l.starts_with("billing_consumer_lag{"))
+        .find(|l| l.contains(&format!("group=\"{group}\"")) && l.contains("partition=\"0\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_reported_while_records_wait() {
+    // Given ten records, of which the loop may finish only the first four
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    let enc = usage_encoder(&env).await;
+    let producer = Producer::new(&env.kafka()).unwrap();
+    for n in 0..10 {
+        let payload = enc.encode(&usage(n, 1)).unwrap();
+        producer
+            .send(&topic, Some(b"1"), Some(&payload), None)
+            .await
+            .unwrap();
+    }
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let handler = Arc::new(Gate {
+        open_below: 4,
+        open: gate,
+    });
+    let group = env.group("lag");
+    let config = LoopConfig::new(group.clone(), vec![topic]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(run_consumer(
+        config,
+        deps(&env, handler, "lag").await,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // When the loop has run for a while with six records unfinished
+    let mut lag = None;
+    for _ in 0..60 {
+        lag = reported_lag(&group);
+        if lag == Some(6) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Then its lag is the six records behind the partition's end (from librdkafka's
+    // statistics: the stored offset 4 against the high watermark 10)
+    assert_eq!(lag, Some(6));
+    open.send(true).unwrap();
+    stop.send(()).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.processed, 10);
 }
