@@ -66,6 +66,19 @@ async fn usage_encoder(env: &TestEnv) -> Encoder<UsageRecord> {
     .unwrap()
 }
 
+/// Publishes usage records `0..count` (quantity 1, one key) to `topic`, in order.
+async fn publish_usage(env: &TestEnv, topic: &str, count: i64) {
+    let enc = usage_encoder(env).await;
+    let producer = Producer::new(&env.kafka()).unwrap();
+    for n in 0..count {
+        let payload = enc.encode(&usage(n, 1)).unwrap();
+        producer
+            .send(topic, Some(b"1"), Some(&payload), None)
+            .await
+            .unwrap();
+    }
+}
+
 /// Runs a bounded loop of `group` over `topic` with `deps` to its end (at most a minute).
 async fn run_bounded(
     env: &TestEnv,
@@ -215,19 +228,7 @@ async fn drains_cleanly_on_shutdown_and_resumes_without_loss_or_repeat() {
     // Given 40 records on one partition and a slow handler
     let env = TestEnv::with_partitions(1).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
-    let enc = usage_encoder(&env).await;
-    let producer = Producer::new(&env.kafka()).unwrap();
-    for n in 0..40 {
-        producer
-            .send(
-                &topic,
-                Some(b"1"),
-                Some(&enc.encode(&usage(n, 1)).unwrap()),
-                None,
-            )
-            .await
-            .unwrap();
-    }
+    publish_usage(&env, &topic, 40).await;
     let slow = Arc::new(Recorder {
         delay: Duration::from_millis(150),
         ..Recorder::default()
@@ -588,15 +589,7 @@ async fn lag_is_reported_while_records_wait() {
     // Given ten records, of which the loop may finish only the first four
     let env = TestEnv::with_partitions(1).await;
     let topic = env.topic(&USAGE_RECORDS.spec);
-    let enc = usage_encoder(&env).await;
-    let producer = Producer::new(&env.kafka()).unwrap();
-    for n in 0..10 {
-        let payload = enc.encode(&usage(n, 1)).unwrap();
-        producer
-            .send(&topic, Some(b"1"), Some(&payload), None)
-            .await
-            .unwrap();
-    }
+    publish_usage(&env, &topic, 10).await;
     let (open, gate) = tokio::sync::watch::channel(false);
     let handler = Arc::new(Gate {
         open_below: 4,
