@@ -468,6 +468,7 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
     };
     let started = Instant::now();
     let members = read_members(&ctx, partition, &mut s).await?;
+    let members_read = started.elapsed();
 
     let product_index: HashMap<&str, u16> = ctx
         .products
@@ -483,6 +484,7 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         v
     };
     let mut usage = read_usage(&ctx, partition, &members, &product_index, &mut s).await?;
+    let usage_read = started.elapsed();
 
     // One bill per member, in member id order.
     let mut ids: Vec<i64> = members.billable.keys().copied().collect();
@@ -548,7 +550,10 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         usage = s.usage_records,
         duplicates = s.duplicates,
         quarantined = s.quarantined,
-        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+        members_ms = millis(members_read),
+        usage_ms = millis(usage_read - members_read),
+        bills_ms = millis(started.elapsed() - usage_read),
+        elapsed_ms = millis(started.elapsed()),
         "partition settled"
     );
     billing_runtime::metrics::RecordCounters::for_group(NAME).add(
@@ -557,6 +562,10 @@ async fn settle_partition(ctx: Arc<Ctx>, partition: i32) -> Result<Summary, Sett
         s.quarantined,
     );
     Ok(s)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Reads the whole product catalogue as of now.
