@@ -156,6 +156,9 @@ pub struct ChannelConfig {
     /// Requests being worked on at once: the gateway's latency is hidden by this many
     /// concurrent sends.
     pub max_in_flight: usize,
+    /// Bytes (keys and values) of the requests being worked on at once: with
+    /// `max_in_flight`, it bounds what records in flight hold, however large they are.
+    pub max_in_flight_bytes: usize,
     /// Attempts on this channel, the first included (2 to 5): attempt n goes to retry topic n.
     pub attempts: u32,
     /// Delay before retry n is `initial * 2^(n-1)`, capped.
@@ -173,6 +176,7 @@ impl Default for ChannelConfig {
     fn default() -> Self {
         ChannelConfig {
             max_in_flight: 2000,
+            max_in_flight_bytes: billing_runtime::consumer::DEFAULT_MAX_IN_FLIGHT_BYTES,
             attempts: 4,
             backoff: Backoff {
                 initial: Duration::from_secs(1),
@@ -673,6 +677,7 @@ pub async fn run<C: Channel>(
     });
     let mut loop_config = LoopConfig::new(p.group(C::NAME), topics);
     loop_config.max_in_flight = config.max_in_flight;
+    loop_config.max_in_flight_bytes = config.max_in_flight_bytes;
     loop_config.delayed = delayed;
     loop_config.backoff = Backoff {
         initial: Duration::from_millis(200),
@@ -717,7 +722,8 @@ impl ChannelConfig {
 }
 
 /// Declares a channel binary's flags, `$prefix` naming their variables (`EMAIL` gives
-/// `EMAIL_MAX_IN_FLIGHT`, `EMAIL_ATTEMPTS`, `EMAIL_BACKOFF_MS`, `EMAIL_CLAIM_LEASE_MS`), with
+/// `EMAIL_MAX_IN_FLIGHT`, `EMAIL_MAX_IN_FLIGHT_BYTES`, `EMAIL_ATTEMPTS`, `EMAIL_BACKOFF_MS`,
+/// `EMAIL_CLAIM_LEASE_MS`), with
 /// `config` turning them into a [`ChannelConfig`]. One declaration for every channel.
 #[macro_export]
 macro_rules! channel_flags {
@@ -730,6 +736,12 @@ macro_rules! channel_flags {
             /// 20,000 sends/s; 40,000 measured faster at about 500 MB, 80,000 no faster).
             #[arg(long, env = concat!($prefix, "_MAX_IN_FLIGHT"), default_value_t = 40_000, value_parser = clap::value_parser!(u64).range(1..=200_000))]
             pub max_in_flight: u64,
+            /// Bytes (keys and values) of the requests in flight at once, 64 MiB by default.
+            /// Requests are small (about 100 bytes), so the count above binds first; this
+            /// bounds the memory held if large records reach a request topic (at 40,000 in
+            /// flight, 1 MB records would otherwise hold 40 GB).
+            #[arg(long, env = concat!($prefix, "_MAX_IN_FLIGHT_BYTES"), default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1024..))]
+            pub max_in_flight_bytes: u64,
             /// Attempts on this channel, the first included (2 to 5).
             #[arg(long, env = concat!($prefix, "_ATTEMPTS"), default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=5))]
             pub attempts: u32,
@@ -756,6 +768,8 @@ macro_rules! channel_flags {
                     self.backoff_ms,
                 );
                 config.claim_lease = std::time::Duration::from_millis(self.claim_lease_ms);
+                config.max_in_flight_bytes =
+                    usize::try_from(self.max_in_flight_bytes).unwrap_or(usize::MAX);
                 guard.max_hold_ms = guard.max_hold_ms.min(self.claim_lease_ms / 2);
                 config
             }

@@ -93,6 +93,9 @@ pub trait Handler<V>: Send + Sync + 'static {
     fn handle(&self, record: &Incoming<V>) -> impl Future<Output = Result<(), HandleError>> + Send;
 }
 
+/// Default cap on the bytes of records in flight: 64 MiB.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
 /// How the loop runs.
 #[derive(Debug, Clone)]
 pub struct LoopConfig {
@@ -102,6 +105,8 @@ pub struct LoopConfig {
     pub topics: Vec<String>,
     /// Cap on records being worked on at once.
     pub max_in_flight: usize,
+    /// Cap on the bytes (keys and values) of the records being worked on at once.
+    pub max_in_flight_bytes: usize,
     /// Stop at the end offsets captured at start.
     pub bounded: bool,
     /// Spacing of retries of retriable failures.
@@ -121,6 +126,7 @@ impl LoopConfig {
             group_id: group_id.into(),
             topics,
             max_in_flight: 1000,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             bounded: false,
             backoff: Backoff::default(),
             max_retries: 8,
@@ -184,6 +190,13 @@ struct Done {
     outcome: Outcome,
     retries: u32,
     elapsed: Duration,
+    /// The record's size as counted against [`LoopConfig::max_in_flight_bytes`].
+    bytes: usize,
+}
+
+/// A record's size as the loop's byte budget counts it: its key and value.
+fn record_bytes(msg: &impl Message) -> usize {
+    msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len)
 }
 
 /// Per-partition bookkeeping of records in flight, so the stored offset only ever moves past
@@ -478,6 +491,7 @@ async fn process<V: AvroRecord, H: Handler<V>>(
     let mut attempts: Vec<String> = Vec::new();
     let mut retries = 0u32;
     let started = Instant::now();
+    let bytes = record_bytes(&msg);
     let done = |outcome, retries| Done {
         topic: origin.topic.clone(),
         partition: origin.partition,
@@ -485,6 +499,7 @@ async fn process<V: AvroRecord, H: Handler<V>>(
         outcome,
         retries,
         elapsed: started.elapsed(),
+        bytes,
     };
 
     let failure: String = 'work: {
@@ -578,6 +593,7 @@ struct LoopMetrics {
     records: crate::metrics::RecordCounters,
     retries: crate::metrics::Counter,
     in_flight: crate::metrics::Gauge,
+    in_flight_bytes: crate::metrics::Gauge,
     held: crate::metrics::Gauge,
     latency: crate::metrics::Histogram,
 }
@@ -594,6 +610,11 @@ impl LoopMetrics {
                 &l,
             ),
             in_flight: m.gauge("billing_in_flight", "Records being worked on.", &l),
+            in_flight_bytes: m.gauge(
+                "billing_in_flight_bytes",
+                "Bytes (keys and values) of the records being worked on.",
+                &l,
+            ),
             held: m.gauge(
                 "billing_held_partitions",
                 "Partitions paused until a delayed record is due.",
@@ -642,6 +663,9 @@ fn record(
     summary.retries += u64::from(d.retries);
     metrics.retries.inc_by(u64::from(d.retries));
     metrics.in_flight.dec();
+    metrics
+        .in_flight_bytes
+        .dec_by(i64::try_from(d.bytes).unwrap_or(i64::MAX));
     metrics.latency.observe(d.elapsed.as_secs_f64());
     match d.outcome {
         Outcome::Processed => {
@@ -782,6 +806,27 @@ fn apply_rebalances(
     }
 }
 
+/// Counts a record going into flight; returns its size for the byte budget.
+fn admit(metrics: &LoopMetrics, msg: &impl Message) -> usize {
+    let bytes = record_bytes(msg);
+    metrics.in_flight.inc();
+    metrics
+        .in_flight_bytes
+        .inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    bytes
+}
+
+/// The loop's consumer settings: the group's, with librdkafka's statistics (the lag gauge's
+/// source) every [`STATISTICS_INTERVAL`] unless `KAFKA_PROPERTIES` names another interval
+/// (0 turns them, and the gauge, off).
+fn client_config(kafka: &KafkaSettings, group: &str) -> rdkafka::ClientConfig {
+    let mut c = kafka.consumer_config(group);
+    if c.get("statistics.interval.ms").is_none() {
+        c.set("statistics.interval.ms", STATISTICS_INTERVAL);
+    }
+    c
+}
+
 /// Runs the loop until `shutdown` completes or, in bounded mode, the input is consumed.
 pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     config: LoopConfig,
@@ -789,11 +834,8 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<LoopSummary, LoopError> {
     let context = LoopContext::default();
-    let consumer: LoopConsumer = deps
-        .kafka
-        .consumer_config(&config.group_id)
-        .set("statistics.interval.ms", STATISTICS_INTERVAL)
-        .create_with_context(context.clone())?;
+    let consumer: LoopConsumer =
+        client_config(&deps.kafka, &config.group_id).create_with_context(context.clone())?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let mut bounds = if config.bounded {
@@ -807,6 +849,8 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     let cancel = CancellationToken::new();
     let mut tracker = OffsetTracker::default();
     let mut in_flight = FuturesUnordered::new();
+    // Bytes of the records in `in_flight`, against `config.max_in_flight_bytes`.
+    let mut in_flight_bytes = 0usize;
     let mut summary = LoopSummary::default();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -843,11 +887,15 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
         }
         tokio::select! {
             biased;
-            Some(d) = in_flight.next() => record(&mut summary, &mut tracker, &consumer, &metrics, d),
+            Some(d) = in_flight.next() => {
+                let d: Done = d;
+                in_flight_bytes = in_flight_bytes.saturating_sub(d.bytes);
+                record(&mut summary, &mut tracker, &consumer, &metrics, d);
+            }
             () = &mut shutdown => break StopReason::Shutdown,
             () = sleep_until_due(held.next_due()) => {
                 for m in held.release(&consumer) {
-                    metrics.in_flight.inc();
+                    in_flight_bytes += admit(&metrics, &m);
                     in_flight.push(process(
                         m,
                         deps.decoder.clone(),
@@ -858,7 +906,8 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                     ));
                 }
             }
-            msg = consumer.recv(), if in_flight.len() < config.max_in_flight => match msg {
+            msg = consumer.recv(), if in_flight.len() < config.max_in_flight
+                && (in_flight_bytes < config.max_in_flight_bytes || in_flight.is_empty()) => match msg {
                 Ok(m) => {
                     // A rebalance heard inside this recv applies before its first record.
                     apply_rebalances(&context, &mut held, &mut tracker, bounds.as_mut(), &config.group_id);
@@ -879,7 +928,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
                         continue;
                     }
                     tracker.begin(&topic, partition, offset);
-                    metrics.in_flight.inc();
+                    in_flight_bytes += admit(&metrics, &m);
                     in_flight.push(process(
                         m.detach(),
                         deps.decoder.clone(),
@@ -903,6 +952,7 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     summary.abandoned += held.records.len() as u64;
     cancel.cancel();
     while let Some(d) = in_flight.next().await {
+        in_flight_bytes = in_flight_bytes.saturating_sub(d.bytes);
         record(&mut summary, &mut tracker, &consumer, &metrics, d);
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -926,6 +976,21 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statistics_come_every_five_seconds_unless_the_properties_say_otherwise() {
+        let mut kafka = KafkaSettings::new("127.0.0.1:9092");
+        let interval = |k: &KafkaSettings| {
+            client_config(k, "g")
+                .get("statistics.interval.ms")
+                .map(str::to_string)
+        };
+        assert_eq!(interval(&kafka).as_deref(), Some("5000"));
+        kafka
+            .properties
+            .push(("statistics.interval.ms".into(), "0".into()));
+        assert_eq!(interval(&kafka).as_deref(), Some("0"));
+    }
 
     #[test]
     fn stored_offset_waits_for_the_oldest_record_in_flight() {

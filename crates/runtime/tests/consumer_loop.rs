@@ -628,3 +628,89 @@ async fn lag_is_reported_while_records_wait() {
         .unwrap();
     assert_eq!(summary.processed, 10);
 }
+
+/// Holds every record until `open` turns true, counting how many are inside at once.
+struct Counted {
+    inside: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Handler<UsageRecord> for Counted {
+    async fn handle(&self, _: &Incoming<UsageRecord>) -> Result<(), HandleError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.inside.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        self.inside.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+}
+
+/// Publishes ten usage records of about 10 kB each (a long usage id) to `topic`.
+async fn publish_large_usage(env: &TestEnv, topic: &str) {
+    let enc = usage_encoder(env).await;
+    let producer = Producer::new(&env.kafka()).unwrap();
+    for n in 0..10 {
+        let mut u = usage(n, 1);
+        u.usage_id = format!("u{n}-{}", "x".repeat(10_000));
+        let payload = enc.encode(&u).unwrap();
+        producer
+            .send(topic, Some(b"1"), Some(&payload), None)
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs a bounded loop over `topic` whose records stay inside the handler until `open` turns
+/// true, `budget` bytes in flight; returns how many were inside at once after two seconds,
+/// and the loop's summary once opened.
+async fn in_flight_under_budget(
+    env: &TestEnv,
+    topic: &str,
+    budget: usize,
+) -> (usize, billing_runtime::LoopSummary) {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let handler = Arc::new(Counted {
+        inside: 0.into(),
+        most: 0.into(),
+        open: gate,
+    });
+    let mut config = LoopConfig::new(env.group(&format!("budget{budget}")), vec![topic.into()]);
+    config.bounded = true;
+    config.max_in_flight = 100;
+    config.max_in_flight_bytes = budget;
+    let deps = deps(env, handler.clone(), "budget").await;
+    let run = tokio::spawn(run_consumer(config, deps, std::future::pending()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let inside = handler.inside.load(std::sync::atomic::Ordering::SeqCst);
+    open.send(true).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (inside, summary)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_in_flight_stay_within_their_byte_budget() {
+    // Given ten records of about 10 kB on one partition, and room for 100 records in flight
+    let env = TestEnv::with_partitions(1).await;
+    let topic = env.topic(&USAGE_RECORDS.spec);
+    publish_large_usage(&env, &topic).await;
+
+    // When the loop may hold 25,000 bytes of records in flight
+    let (inside, summary) = in_flight_under_budget(&env, &topic, 25_000).await;
+
+    // Then it takes records while it is under the budget (the third crosses it) and no more,
+    // and every record is processed once the handler lets them go
+    assert_eq!(inside, 3);
+    assert_eq!(summary.processed, 10);
+
+    // And a budget smaller than one record still lets records through, one at a time
+    let (inside, summary) = in_flight_under_budget(&env, &topic, 1_000).await;
+    assert_eq!(inside, 1);
+    assert_eq!(summary.processed, 10);
+}
