@@ -952,7 +952,6 @@ pub async fn run_consumer<V: AvroRecord, H: Handler<V>>(
     summary.abandoned += held.records.len() as u64;
     cancel.cancel();
     while let Some(d) = in_flight.next().await {
-        in_flight_bytes = in_flight_bytes.saturating_sub(d.bytes);
         record(&mut summary, &mut tracker, &consumer, &metrics, d);
     }
     match consumer.commit_consumer_state(CommitMode::Sync) {

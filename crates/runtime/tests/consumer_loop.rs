@@ -68,10 +68,20 @@ async fn usage_encoder(env: &TestEnv) -> Encoder<UsageRecord> {
 
 /// Publishes usage records `0..count` (quantity 1, one key) to `topic`, in order.
 async fn publish_usage(env: &TestEnv, topic: &str, count: i64) {
+    publish_usage_as(env, topic, count, |n| usage(n, 1)).await;
+}
+
+/// Publishes `record(n)` for `n` in `0..count` (one key) to `topic`, in order.
+async fn publish_usage_as(
+    env: &TestEnv,
+    topic: &str,
+    count: i64,
+    record: impl Fn(i64) -> UsageRecord,
+) {
     let enc = usage_encoder(env).await;
     let producer = Producer::new(&env.kafka()).unwrap();
     for n in 0..count {
-        let payload = enc.encode(&usage(n, 1)).unwrap();
+        let payload = enc.encode(&record(n)).unwrap();
         producer
             .send(topic, Some(b"1"), Some(&payload), None)
             .await
@@ -650,17 +660,11 @@ impl Handler<UsageRecord> for Counted {
 
 /// Publishes ten usage records of about 10 kB each (a long usage id) to `topic`.
 async fn publish_large_usage(env: &TestEnv, topic: &str) {
-    let enc = usage_encoder(env).await;
-    let producer = Producer::new(&env.kafka()).unwrap();
-    for n in 0..10 {
-        let mut u = usage(n, 1);
-        u.usage_id = format!("u{n}-{}", "x".repeat(10_000));
-        let payload = enc.encode(&u).unwrap();
-        producer
-            .send(topic, Some(b"1"), Some(&payload), None)
-            .await
-            .unwrap();
-    }
+    publish_usage_as(env, topic, 10, |n| UsageRecord {
+        usage_id: format!("u{n}-{}", "x".repeat(10_000)),
+        ..usage(n, 1)
+    })
+    .await;
 }
 
 /// Runs a bounded loop over `topic` whose records stay inside the handler until `open` turns

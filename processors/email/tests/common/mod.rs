@@ -156,6 +156,7 @@ pub fn config(attempts: u32, backoff_ms: u64) -> ChannelConfig {
         settings_ttl: Duration::from_millis(100),
         pool_size: 4,
         claim_lease: Duration::from_secs(5),
+        ..ChannelConfig::default()
     }
 }
 
