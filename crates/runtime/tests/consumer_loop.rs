@@ -109,6 +109,20 @@ async fn run_bounded(
     .unwrap()
 }
 
+/// The summary of a loop spawned as `run`, which must end within `secs` seconds.
+async fn finished(
+    run: tokio::task::JoinHandle<
+        Result<billing_runtime::LoopSummary, billing_runtime::consumer::LoopError>,
+    >,
+    secs: u64,
+) -> billing_runtime::LoopSummary {
+    tokio::time::timeout(Duration::from_secs(secs), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+}
+
 async fn deps<H: Handler<UsageRecord>>(
     env: &TestEnv,
     handler: Arc<H>,
@@ -258,11 +272,7 @@ async fn drains_cleanly_on_shutdown_and_resumes_without_loss_or_repeat() {
     slow.started.notified().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop_tx.send(()).unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = finished(run, 30).await;
 
     // Then everything begun was finished and committed, contiguously
     assert_eq!(first.stopped_by, StopReason::Shutdown);
@@ -631,11 +641,7 @@ async fn lag_is_reported_while_records_wait() {
     assert_eq!(lag, Some(6));
     open.send(true).unwrap();
     stop.send(()).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = finished(run, 30).await;
     assert_eq!(summary.processed, 10);
 }
 
@@ -690,11 +696,7 @@ async fn in_flight_under_budget(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let inside = handler.inside.load(std::sync::atomic::Ordering::SeqCst);
     open.send(true).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = finished(run, 60).await;
     (inside, summary)
 }
 
